@@ -1,0 +1,13 @@
+"""ptune_fast: fused kernels for prompt-learning fine-tuning of Hugging Face models.
+
+One import, one call::
+
+    import ptune_fast
+    model = ptune_fast.patch(peft_model)   # same numbers as PEFT, faster, less memory
+"""
+from ptune_fast.ops import prefix_attention
+from ptune_fast.api import patch, unpatch, is_patched
+from ptune_fast.integrations.core import SUPPORTED_MODEL_TYPES
+
+__version__ = "0.1.0"
+__all__ = ["patch", "unpatch", "is_patched", "prefix_attention", "SUPPORTED_MODEL_TYPES", "__version__"]

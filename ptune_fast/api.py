@@ -1,0 +1,34 @@
+"""Public entry points: ``patch`` / ``unpatch``."""
+from __future__ import annotations
+
+
+def _is_peft_model(model) -> bool:
+    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft") for c in type(model).__mro__)
+
+
+def patch(model):
+    """Patch a PEFT prompt-learning model (or a model built by ``ptune_fast.prefix_tuning`` & co.)
+    in place so that it runs on ptune_fast's kernels with PEFT's numbers. Returns ``model``."""
+    if _is_peft_model(model):
+        from ptune_fast.integrations.peft import patch_peft
+
+        return patch_peft(model)
+    raise TypeError(
+        f"patch() expects a peft.PeftModel with a prompt-learning adapter, got {type(model).__name__}; "
+        "for a plain transformers model use ptune_fast.prefix_tuning / p_tuning / prompt_tuning"
+    )
+
+
+def unpatch(model):
+    """Undo :func:`patch`: the model runs PEFT's original code paths again."""
+    if _is_peft_model(model):
+        from ptune_fast.integrations.peft import unpatch_peft
+
+        return unpatch_peft(model)
+    raise TypeError(f"unpatch() expects a patched peft.PeftModel, got {type(model).__name__}")
+
+
+def is_patched(model) -> bool:
+    from ptune_fast.integrations.peft import is_patched as _p
+
+    return _p(model)

@@ -1,0 +1,97 @@
+"""The transformers attention function and mask function registered as ``"ptune_fast"``.
+
+``AttentionInterface`` hands us ``query [B,H,S,D]`` and ``key/value [B,Hkv,T,D]`` (HF cache
+already concatenated, prefix *not* in it). The per-layer prefix comes from the
+:class:`~ptune_fast.integrations.state.PrefixState` attached to the attention module by
+``patch``; ``prefix_attention`` attends to it without expanding or concatenating it.
+
+The mask function keeps HF's 2-D padding mask ``[B, T]`` (True = real token) instead of
+building a 4-D float mask: the kernels apply causality (bottom-right) and padding themselves.
+"""
+from __future__ import annotations
+
+import torch
+
+from ptune_fast.ops.prefix_attention import prefix_attention
+
+NAME = "ptune_fast"
+_registered = False
+
+# Mask functions we can represent as "causal or not + 2-D padding": HF's own, by qualified name.
+_CAUSAL = ("causal_mask_function",)
+_BIDIRECTIONAL = ("bidirectional_mask_function",)
+_SLIDING = ("sliding_window_causal_mask_function", "sliding_window_overlay", "and_masks")
+
+
+def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``AttentionInterface`` entry: returns ``(out [B,S,H,D], None)``."""
+    state = getattr(module, "_ptune_fast_state", None)
+    layer = state.layer(getattr(module, "layer_idx", None)) if state is not None else None
+    pk = pv = task_ids = None
+    if layer is not None:
+        pk, pv, task_ids = layer
+        if pk.dtype != query.dtype:  # e.g. autocast: the prefix follows the activations
+            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+    P = 0 if pk is None else pk.shape[-2]
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("ptune_fast attention does not support logit softcapping (softcap)")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError("ptune_fast attention does not support attention sinks")
+    window = kwargs.get("sliding_window")
+    if window is not None and P + key.shape[2] > window:
+        raise NotImplementedError(
+            f"sliding window {window} is shorter than prefix + context ({P} + {key.shape[2]}); "
+            "ptune_fast attention implements full attention only"
+        )
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "ptune_fast attention expects HF's 2-D padding mask [B, T]; got a "
+            f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}. Pass a 2-D attention_mask."
+        )
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if key.shape[2] < query.shape[2]:  # no cache and a non-causal encoder: T == S always here
+        raise ValueError(f"keys ({key.shape[2]}) shorter than queries ({query.shape[2]})")
+    out = prefix_attention(
+        query, key, value, pk, pv, task_ids,
+        key_padding_mask=attention_mask,
+        causal=bool(is_causal),
+        scale=scaling,
+        dropout_p=float(dropout) if module.training else 0.0,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def ptune_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                    attention_mask=None, config=None, **kwargs):
+    """``AttentionMaskInterface`` entry: the 2-D bool padding mask ``[B, kv_length]`` or None."""
+    name = getattr(mask_function, "__qualname__", "") or ""
+    base = name.split(".<locals>")[0]
+    if mask_function is not None and base not in _CAUSAL + _BIDIRECTIONAL:
+        if base in _SLIDING and getattr(config, "sliding_window", None):
+            pass  # the attention function checks the window against prefix + context
+        else:
+            raise NotImplementedError(
+                f"ptune_fast attention cannot represent the mask function {name!r} "
+                "(packed sequences, custom or/and masks); only causal/bidirectional masks plus 2-D padding"
+            )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask  # a custom 4-D mask: the attention function raises a clear error
+    m = attention_mask[:, kv_offset: kv_offset + kv_length] if isinstance(kv_length, int) else attention_mask
+    return m.to(torch.bool)
+
+
+def register() -> str:
+    """Register ``"ptune_fast"`` with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, ptune_fast_attention)
+        AttentionMaskInterface.register(NAME, ptune_fast_mask)
+        _registered = True
+    return NAME

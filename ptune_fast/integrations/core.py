@@ -1,0 +1,145 @@
+"""Attach a prefix to a Hugging Face model: attention implementation, positions, state.
+
+``attach_prefix(hf_model, state)``:
+
+* switches the model to the ``"ptune_fast"`` attention and mask functions;
+* hangs ``state`` on every attention module (looked up by ``module.layer_idx``);
+* installs a forward pre-hook on the backbone (``hf_model.base_model``) that refreshes the
+  prefix once per forward and gives the real tokens PEFT's positions: with PEFT the prefix
+  sits in the cache, so the real tokens of a row start at position ``P`` (plus the real
+  cache length). Explicit ``position_ids`` are shifted by ``P``, as PEFT does.
+
+``detach_prefix`` undoes all of it.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ptune_fast.integrations import attention as _attention
+from ptune_fast.integrations.state import PrefixState
+
+#: model_type -> how positions are derived when ``position_ids`` is not given.
+POSITION_FAMILY = {
+    "llama": "arange",
+    "mistral": "arange",
+    "qwen2": "arange",
+    "qwen3": "arange",
+    "gpt2": "arange",
+    "bert": "arange",
+    "opt": "opt",
+    "roberta": "roberta",
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(POSITION_FAMILY))
+
+
+def check_supported(hf_model) -> str:
+    """Model type of ``hf_model``, or a ValueError naming it when attention cannot be served."""
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in POSITION_FAMILY:
+        raise ValueError(
+            f"ptune_fast cannot patch model type {model_type!r} ({type(hf_model).__name__}); "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"ptune_fast does not support encoder-decoder models ({model_type!r})")
+    if hasattr(hf_model, "_can_set_attn_implementation") and not hf_model._can_set_attn_implementation():
+        raise ValueError(f"{type(hf_model).__name__} ({model_type!r}) does not use transformers' AttentionInterface")
+    return model_type
+
+
+def attention_modules(hf_model):
+    """Modules that call the attention interface: they carry ``layer_idx`` and a projection."""
+    mods = []
+    for m in hf_model.modules():
+        if getattr(m, "layer_idx", None) is not None and type(m).__name__.endswith("Attention"):
+            mods.append(m)
+    return mods
+
+
+def _position_ids(model_type, config, kw, P, S, past_len, device):
+    given = kw.get("position_ids")
+    if given is not None:
+        return given + P
+    family = POSITION_FAMILY[model_type]
+    mask = kw.get("attention_mask")
+    if family == "opt" and mask is not None and mask.dim() == 2:
+        m = mask.long()
+        pos = (torch.cumsum(m, dim=1) + P) * m - 1
+        return pos[:, -S:]
+    if family == "roberta":
+        pad = config.pad_token_id
+        ids = kw.get("input_ids")
+        if ids is not None:
+            m = ids.ne(pad).long()
+            return (torch.cumsum(m, dim=1) + P + past_len) * m + pad
+        # RoBERTa ignores the cache length for inputs_embeds (HF and PEFT alike)
+        return torch.arange(pad + 1, S + pad + 1, device=device).unsqueeze(0)
+    return (torch.arange(S, device=device) + (past_len + P)).unsqueeze(0)
+
+
+def _seq_len_of(kw):
+    if kw.get("input_ids") is not None:
+        return kw["input_ids"].shape[0], kw["input_ids"].shape[1], kw["input_ids"].device
+    emb = kw.get("inputs_embeds")
+    if emb is None:
+        raise ValueError("the model was called with neither input_ids nor inputs_embeds")
+    return emb.shape[0], emb.shape[1], emb.device
+
+
+class Attachment:
+    """What ``attach_prefix`` changed on one model, so that it can be undone."""
+
+    def __init__(self, hf_model, state: PrefixState):
+        self.model = hf_model
+        self.state = state
+        self.model_type = check_supported(hf_model)
+        self.backbone = hf_model.base_model
+        self.previous_attn = hf_model.config._attn_implementation
+        self.modules = attention_modules(hf_model)
+        if not self.modules:
+            raise ValueError(f"found no attention modules with a layer_idx in {type(hf_model).__name__}")
+        self._signature = inspect.signature(self.backbone.forward)
+        self._handle = None
+
+    def install(self):
+        _attention.register()
+        self.model.set_attn_implementation(_attention.NAME)
+        if self.model.config._attn_implementation != _attention.NAME:
+            raise RuntimeError(f"could not switch {type(self.model).__name__} to the ptune_fast attention")
+        for m in self.modules:
+            m._ptune_fast_state = self.state
+        self._handle = self.backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        return self
+
+    def remove(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for m in self.modules:
+            if hasattr(m, "_ptune_fast_state"):
+                del m._ptune_fast_state
+        self.model.set_attn_implementation(self.previous_attn)
+        self.state.clear()
+
+    def _pre_hook(self, module, args, kwargs):
+        if args:
+            kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop("kwargs", {}) or {})
+        self.state.refresh()
+        P = self.state.num_virtual_tokens
+        B, S, device = _seq_len_of(kwargs)
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        kwargs["position_ids"] = _position_ids(self.model_type, self.model.config, kwargs, P, S, past_len, device)
+        if kwargs.get("attention_mask") is None and past is None and torch.compiler.is_compiling():
+            # Under torch.compile HF cannot rule out packed sequences from position_ids alone;
+            # an explicit all-True padding mask keeps the mask function on the plain path.
+            kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
+        return (), kwargs
+
+
+def attach_prefix(hf_model, state: PrefixState) -> Attachment:
+    return Attachment(hf_model, state).install()

@@ -1,0 +1,166 @@
+"""Adopt a PEFT prompt-learning model as it is: ``patch(peft_model)`` / ``unpatch(peft_model)``.
+
+* PREFIX_TUNING (with or without projection, i.e. prefix tuning and P-Tuning v2): the prefix
+  encoder runs once per forward on the P virtual tokens (PEFT runs it on B copies), the
+  per-layer K/V stays outside the HF cache and is attended by ``prefix_attention``; the cache
+  of ``generate`` holds only real tokens. Gradient checkpointing works.
+* P_TUNING / PROMPT_TUNING: the encoder output is computed once and broadcast (a view) over
+  the batch instead of ``repeat``-ed; the virtual tokens are prepended as PEFT does.
+
+Numbers equal PEFT's; ``unpatch`` restores PEFT's own code paths.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+
+from ptune_fast import reference
+from ptune_fast.encoders import encode
+from ptune_fast.integrations.core import attach_prefix, check_supported
+from ptune_fast.integrations.state import PrefixState
+
+_ATTR = "_ptune_fast_patch"
+_METHODS = {"PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING"}
+
+
+def _peft_type(cfg) -> str:
+    t = cfg.peft_type
+    return str(getattr(t, "value", t))
+
+
+def is_patched(model) -> bool:
+    return hasattr(model, _ATTR)
+
+
+def _prefix_provider(peft_model, adapter):
+    cfg = peft_model.peft_config[adapter]
+    enc = peft_model.prompt_encoder[adapter]
+    P, L = cfg.num_virtual_tokens, cfg.num_layers
+    Hkv = cfg.num_attention_heads
+    D = cfg.token_dim // cfg.num_attention_heads
+
+    def provider():
+        out = encode(enc)[:P]
+        dtype = peft_model.base_model_torch_dtype
+        if dtype is not None:
+            out = out.to(dtype)
+        keys, values = reference.split_prefix(out, L, Hkv, D)
+        return keys.contiguous(), values.contiguous()
+
+    return provider
+
+
+def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                            output_attentions=None, output_hidden_states=None, return_dict=None,
+                            task_ids=None, **kwargs):
+    """PEFT's prefix-tuning forward without the DynamicCache, the mask prepend and the B-row encoder."""
+    patch = getattr(self, _ATTR)
+    if task_ids is not None:
+        raise ValueError("task_ids: a patched single-adapter model has no task bank (see ptune_fast.TaskBank)")
+    common = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                  return_dict=return_dict)
+    if patch.seq_cls_backbone:
+        # PEFT runs the backbone, then its own pooled-output head (BERT/RoBERTa lack past_key_values)
+        return self._prefix_tuning_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds, labels=labels, **common, **kwargs)
+    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           labels=labels, **common, **kwargs)
+
+
+def _patched_get_prompt_prefix(self, batch_size, task_ids=None, max_cache_len=None):
+    return None  # the prefix lives in PrefixState, not in a cache
+
+
+def _patched_get_prompt_tokens(self, batch_size, task_ids=None, max_cache_len=None):
+    """Virtual-token embeddings computed once and broadcast over the batch (no ``repeat``)."""
+    enc = self.prompt_encoder[self.active_adapter]
+    prompts = encode(enc)
+    getattr(self, _ATTR).encoder_calls += 1
+    return prompts.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def _patched_generate_prefix(self, *args, **kwargs):
+    base = self.base_model
+    if hasattr(base, "model"):
+        base.model.generation_config = self.generation_config
+    else:
+        base.generation_config = self.generation_config
+    return base.generate(*args, **kwargs)
+
+
+class PeftPatch:
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+        self.adapter = peft_model.active_adapter
+        cfg = peft_model.peft_config[self.adapter]
+        self.method = _peft_type(cfg)
+        self.attachment = None
+        self.saved = {}
+        self.encoder_calls = 0
+        hf = peft_model.get_base_model()
+        self.seq_cls_backbone = (
+            type(peft_model).__name__ == "PeftModelForSequenceClassification"
+            and "past_key_values" not in inspect.signature(peft_model.base_model.forward).parameters
+        )
+        self.hf_model = hf
+
+    def _override(self, name, fn):
+        self.saved[name] = self.peft_model.__dict__.get(name, None)
+        setattr(self.peft_model, name, types.MethodType(fn, self.peft_model))
+
+    def install(self):
+        pm = self.peft_model
+        if self.method == "PREFIX_TUNING":
+            cfg = pm.peft_config[self.adapter]
+            state = PrefixState(_prefix_provider(pm, self.adapter),
+                                lambda: pm.prompt_encoder[self.adapter].parameters(),
+                                cfg.num_virtual_tokens)
+            self.attachment = attach_prefix(self.hf_model, state)
+            self._override("forward", _patched_forward_prefix)
+            self._override("get_prompt", _patched_get_prompt_prefix)
+            if hasattr(type(pm), "generate"):
+                self._override("generate", _patched_generate_prefix)
+        else:
+            self._override("get_prompt", _patched_get_prompt_tokens)
+        setattr(pm, _ATTR, self)
+        return pm
+
+    @property
+    def state(self):
+        return None if self.attachment is None else self.attachment.state
+
+    def remove(self):
+        pm = self.peft_model
+        for name, prev in self.saved.items():
+            if prev is None:
+                pm.__dict__.pop(name, None)
+            else:
+                pm.__dict__[name] = prev
+        if self.attachment is not None:
+            self.attachment.remove()
+        delattr(pm, _ATTR)
+
+
+def patch_peft(peft_model):
+    """Patch a PEFT ``PeftModel`` in place (see the module docstring). Returns the model."""
+    if is_patched(peft_model):
+        return peft_model
+    cfg = peft_model.active_peft_config
+    method = _peft_type(cfg)
+    if method not in _METHODS:
+        raise ValueError(f"ptune_fast patches PREFIX_TUNING, P_TUNING and PROMPT_TUNING PEFT models, got {method}")
+    if getattr(cfg, "num_transformer_submodules", 1) != 1:
+        raise ValueError("ptune_fast does not support encoder-decoder (num_transformer_submodules=2) PEFT models")
+    task = str(getattr(cfg.task_type, "value", cfg.task_type))
+    if task not in ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION"):
+        raise ValueError(f"ptune_fast supports task types CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION, got {task}")
+    check_supported(peft_model.get_base_model())
+    return PeftPatch(peft_model).install()
+
+
+def unpatch_peft(peft_model):
+    if is_patched(peft_model):
+        getattr(peft_model, _ATTR).remove()
+    return peft_model
