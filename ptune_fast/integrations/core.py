@@ -97,6 +97,8 @@ class Attachment:
         self.state = state
         self.model_type = check_supported(hf_model)
         self.backbone = hf_model.base_model
+        if self.model_type == "opt":  # OPTForCausalLM calls model.decoder directly
+            self.backbone = self.backbone.decoder
         self.previous_attn = hf_model.config._attn_implementation
         self.modules = attention_modules(hf_model)
         if not self.modules:

@@ -62,6 +62,9 @@ def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_em
     common = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                   return_dict=return_dict)
     if patch.seq_cls_backbone:
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        common["return_dict"] = return_dict
         # PEFT runs the backbone, then its own pooled-output head (BERT/RoBERTa lack past_key_values)
         return self._prefix_tuning_forward(input_ids=input_ids, attention_mask=attention_mask,
                                            inputs_embeds=inputs_embeds, labels=labels, **common, **kwargs)
