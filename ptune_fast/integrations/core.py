@@ -126,11 +126,27 @@ class Attachment:
         self.model.set_attn_implementation(self.previous_attn)
         self.state.clear()
 
+    def _check_checkpointing(self):
+        """Reentrant checkpointing re-runs backward through the (shared) encoder graph once per
+        layer, which autograd forbids; non-reentrant (transformers' default) works."""
+        keys = self.state.keys
+        if not self.model.training or keys is None or not keys.requires_grad:
+            return
+        fn = next((getattr(m, "_gradient_checkpointing_func", None) for m in self.model.modules()
+                   if getattr(m, "gradient_checkpointing", False) is True), None)
+        if fn is not None and getattr(fn, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True cannot train a prefix shared by all layers; "
+                "call gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                "(transformers' default)"
+            )
+
     def _pre_hook(self, module, args, kwargs):
         if args:
             kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
             kwargs.update(kwargs.pop("kwargs", {}) or {})
         self.state.refresh()
+        self._check_checkpointing()
         P = self.state.num_virtual_tokens
         B, S, device = _seq_len_of(kwargs)
         past = kwargs.get("past_key_values")
