@@ -1,18 +1,38 @@
-"""``prefix_attention``: attention over ``[shared prefix ; sequence]`` without expanding or
-concatenating the prefix. Public op, input checks and backend dispatch.
+"""``prefix_attention``: attention over ``[prefix ; sequence]`` without expanding or
+concatenating the prefix. Public op, input checks, backend dispatch, ``torch.library``
+registration (``ptune_fast::prefix_attention`` + its backward) and autograd.
 
 Backends (see :mod:`ptune_fast._backend`):
 
 * ``cuda``      -- ``ptune_fast._C`` decode kernel (1..8 query tokens, no autograd, fp16/bf16);
+  skipped whenever an input requires grad;
 * ``triton``    -- fused flash-attention forward/backward (``_prefix_attention_triton``);
-* ``reference`` -- :func:`ptune_fast.reference.prefix_attention`.
+* ``reference`` -- :func:`ptune_fast.reference.prefix_attention` (backward by recomputation).
 
-Semantics, layouts and the causal alignment are those of the reference: ``q [B,H,S,D]``,
-``k/v [B,Hkv,T,D]``, ``prefix_k/v [Hkv,P,D]`` (shared) or ``[N,Hkv,P,D]`` + ``task_ids [B]``,
-``key_padding_mask [B,T]`` (True = keep). Returns ``out [B,H,S,D]`` in ``q.dtype``.
+Layouts (the reference's)::
+
+    q                 [B, H,   S, D]   queries of the S new tokens
+    k, v              [B, Hkv, T, D]   the sequence's keys/values, cache included (T >= S if causal)
+    prefix_k/v        [Hkv, P, D]      one prefix shared by every row, or
+                      [N, Hkv, P, D]   a bank, with task_ids [B] (int32/int64) naming each row's entry
+    key_padding_mask  [B, T] bool      True = real token (the prefix is never masked)
+    out               [B, H,   S, D]   in q.dtype
+
+Causal alignment is bottom-right: query ``i`` sits at sequence position ``T - S + i``. P = 2,
+T = 4, S = 2::
+
+              prefix | sequence
+              p0 p1  | t0 t1 t2 t3
+    q0 (t2)    x  x  |  x  x  x  .
+    q1 (t3)    x  x  |  x  x  x  x
+
+The backend is chosen *inside* the registered op (opaque to ``torch.compile``: no graph break
+at the call, and the env var ``PTUNE_FAST_BACKEND`` / the counters are read at run time).
+The backward re-runs the same choice (a forced backend must be forced for both).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -20,6 +40,7 @@ import torch
 from ptune_fast import _backend, reference
 
 OP = "prefix_attention"
+Tensor = torch.Tensor
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, dropout_p):
@@ -90,24 +111,167 @@ def prefix_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of ``q`` over ``[prefix ; k/v]``; see :mod:`ptune_fast.reference` for the
-    exact semantics (bottom-right causal alignment, prefix always visible, GQA, padding)."""
+    """Attention of ``q [B,H,S,D]`` over ``[prefix ; k/v]``; returns ``out [B,H,S,D]`` (q.dtype).
+
+    See the module docstring for layouts and the bottom-right causal alignment; semantics are
+    exactly :func:`ptune_fast.reference.prefix_attention`'s (prefix always visible, GQA by
+    ``h // (H // Hkv)``, rows with no visible key output 0). ``scale`` defaults to ``D**-0.5``.
+    ``dropout_p > 0`` drops softmax probabilities (pass 0 in eval); the mask is reproducible from
+    torch's generator (``torch.manual_seed``) but differs between the Triton and reference backends.
+    Differentiable in q, k, v, prefix_k, prefix_v (a shared prefix gets the sum over rows, a bank
+    one gradient per entry). Works under ``torch.compile(fullgraph=True)``.
+    """
     check_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, dropout_p)
     if prefix_k is not None and prefix_k.shape[-2] == 0:
         prefix_k = prefix_v = task_ids = None
-    args = (q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
+    need_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
+    out, _lse, _rng = _prefix_attention_op(
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, bool(causal),
+        None if scale is None else float(scale), float(dropout_p), need_grad,
+    )
+    return out
+
+
+def select_backend(args, need_grad: bool, phase: str = "forward") -> str:
+    """The backend serving ``args`` (the 10 op arguments); counts the call and fallbacks.
+
+    Raises :class:`~ptune_fast._backend.BackendUnavailable` when a forced backend cannot serve."""
+    q = args[0]
     forced = _backend.forced_backend()
     order = [forced] if forced else (["cuda", "triton", "reference"] if q.is_cuda else ["reference"])
+    op = OP if phase == "forward" else f"{OP}.{phase}"
     for backend in order:
-        why = _BACKENDS[backend][0](*args)
+        if backend == "cuda" and (need_grad or phase != "forward"):
+            why = "the CUDA extension has no backward and an input requires grad"
+        else:
+            why = _BACKENDS[backend][0](*args)
         if why:
             if forced:
-                raise _backend.BackendUnavailable(f"{_backend.ENV_VAR}={forced}: {OP} cannot run this call: {why}")
-            _backend.fallback(OP, backend, why)
+                raise _backend.BackendUnavailable(f"{_backend.ENV_VAR}={forced}: {op} cannot run this call: {why}")
+            _backend.fallback(op, backend, why)
             continue
-        _backend.served(OP, backend)
-        return _BACKENDS[backend][1](*args)
+        _backend.served(op, backend)
+        return backend
     raise AssertionError("the reference backend serves every call")  # pragma: no cover
+
+
+# ------------------------------------------------------------------- torch.library registration
+
+
+def _empty(q, dtype=None):
+    return q.new_empty((0,), dtype=dtype or q.dtype)
+
+
+@contextlib.contextmanager
+def _seeded(rng: Tensor, device: torch.device):
+    """Reference-backend dropout: run under torch's generator seeded from ``rng`` (forked, so
+    the global stream only advances by the seed draw)."""
+    if rng.numel() == 0:
+        yield
+        return
+    seed = int(rng[0].item())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                          ].manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _new_rng(q, dropout_p):
+    if dropout_p <= 0.0:
+        return _empty(q, torch.int64)
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+
+
+@torch.library.custom_op("ptune_fast::prefix_attention", mutates_args=())
+def _prefix_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+    task_ids: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, scale: Optional[float],
+    dropout_p: float, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(out [B,H,S,D], lse [B,H,S] fp32 or [0] when not need_grad, rng int64 [1] or [0])``."""
+    args = (q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
+    backend = select_backend(args, need_grad)
+    if backend == "triton":
+        from ptune_fast.ops import _prefix_attention_triton as tri
+
+        return tri.forward(*args, need_lse=need_grad, rng=_new_rng(q, dropout_p))
+    if backend == "cuda":
+        return _cuda_run(*args).contiguous(), _empty(q, torch.float32), _new_rng(q, 0.0)
+    rng = _new_rng(q, dropout_p)
+    with _seeded(rng, q.device):
+        out, lse = reference.prefix_attention(*args, return_lse=True)
+    return out.contiguous(), (lse.float().contiguous() if need_grad else _empty(q, torch.float32)), rng
+
+
+@_prefix_attention_op.register_fake
+def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p,
+                           need_grad):
+    B, H, S, _ = q.shape
+    lse = q.new_empty((B, H, S) if need_grad else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), lse, q.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+
+
+@torch.library.custom_op("ptune_fast::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+    task_ids: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, rng: Tensor,
+    causal: bool, scale: Optional[float], dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix grads are ``[0]`` without a prefix."""
+    args = (q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
+    backend = select_backend(args, True, phase="backward")
+    if backend == "triton":
+        from ptune_fast.ops import _prefix_attention_triton as tri
+
+        grads = tri.backward(dout, *args[:7], out, lse, rng, causal, scale, dropout_p)
+    else:
+        # Recompute + vjp. torch.func works here although the op runs below the Autograd key.
+        has_prefix = prefix_k is not None
+
+        def f(*xs):
+            pk, pv = (xs[3], xs[4]) if has_prefix else (None, None)
+            return reference.prefix_attention(*xs[:3], pk, pv, task_ids, key_padding_mask, causal, scale, dropout_p)
+
+        wrt = (q, k, v, prefix_k, prefix_v) if has_prefix else (q, k, v)
+        with _seeded(rng, q.device):
+            _, vjp = torch.func.vjp(f, *wrt)
+        grads = list(vjp(dout.to(q.dtype))) + ([] if has_prefix else [None, None])
+    return tuple(g.contiguous() if g is not None else _empty(q) for g in grads)
+
+
+@_prefix_attention_backward_op.register_fake
+def _prefix_attention_backward_fake(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng,
+                                    causal, scale, dropout_p):
+    pk = prefix_k.new_empty(prefix_k.shape) if prefix_k is not None else q.new_empty((0,))
+    pv = prefix_v.new_empty(prefix_v.shape) if prefix_v is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), pk, pv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p, _need_grad = inputs
+    out, lse, rng = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.has_prefix = prefix_k is not None
+
+
+def _backward(ctx, dout, _dlse, _drng):
+    q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng = ctx.saved_tensors
+    if lse.numel() == 0:
+        raise RuntimeError(f"{OP}: the forward ran without autograd (need_grad=False); cannot backpropagate")
+    dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(
+        dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng,
+        ctx.causal, ctx.scale, ctx.dropout_p,
+    )
+    if not ctx.has_prefix:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+
+
+_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------ backends
