@@ -6,13 +6,13 @@ def _is_peft_model(model) -> bool:
     return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft") for c in type(model).__mro__)
 
 
-def patch(model):
+def patch(model, prompt_pass: str = "auto"):
     """Patch a PEFT prompt-learning model (or a model built by ``ptune_fast.prefix_tuning`` & co.)
     in place so that it runs on ptune_fast's kernels with PEFT's numbers. Returns ``model``."""
     if _is_peft_model(model):
         from ptune_fast.integrations.peft import patch_peft
 
-        return patch_peft(model)
+        return patch_peft(model, prompt_pass=prompt_pass)
     raise TypeError(
         f"patch() expects a peft.PeftModel with a prompt-learning adapter, got {type(model).__name__}; "
         "for a plain transformers model use ptune_fast.prefix_tuning / p_tuning / prompt_tuning"

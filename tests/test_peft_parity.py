@@ -19,20 +19,23 @@ def _run(pm, ids, mask, labels):
 def _real_logits(logits, mask, kind, n_virtual, method):
     if kind in SEQ_CLS:
         return logits
-    if method not in ("prefix", "prefix_proj"):
-        logits = logits[:, n_virtual:]  # prompt methods return logits for the virtual tokens too
+    if logits.shape[1] == mask.shape[1] + n_virtual:
+        logits = logits[:, n_virtual:]  # per-row prompt methods return the virtual tokens' logits too
     return logits * mask[:, :, None]
 
 
 @pytest.mark.parametrize("kind", CAUSAL + SEQ_CLS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("B,padding", [(1, "none"), (3, "left"), (3, "right")])
-def test_parity_fp32(kind, method, B, padding):
+@pytest.mark.parametrize("prompt_pass", ["auto", "per_row"])
+def test_parity_fp32(kind, method, B, padding, prompt_pass):
+    if prompt_pass == "per_row" and (method.startswith("prefix") or kind in SEQ_CLS):
+        pytest.skip("prompt_pass only matters for prompt methods on causal decoders")
     n = 5
     pm = peft_model(kind, method, n=n)
     ids, mask, labels = batch(kind, B, 9, padding)
     ref = _run(pm, ids, mask, labels)
-    ptune_fast.patch(pm)
+    ptune_fast.patch(pm, prompt_pass=prompt_pass)
     try:
         got = _run(pm, ids, mask, labels)
     finally:

@@ -32,6 +32,8 @@ POSITION_FAMILY = {
     "roberta": "roberta",
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(POSITION_FAMILY))
+#: causal decoders: their virtual tokens' K/V do not depend on the row (shared pass, deep fold)
+CAUSAL_DECODERS = ("gpt2", "llama", "mistral", "opt", "qwen2", "qwen3")
 
 
 def check_supported(hf_model) -> str:
@@ -50,6 +52,12 @@ def check_supported(hf_model) -> str:
     return model_type
 
 
+def backbone_of(hf_model):
+    """The module that derives positions and runs the layers (OPTForCausalLM calls model.decoder)."""
+    bb = hf_model.base_model
+    return bb.decoder if getattr(hf_model.config, "model_type", None) == "opt" else bb
+
+
 def attention_modules(hf_model):
     """Modules that call the attention interface: they carry ``layer_idx`` and a projection."""
     mods = []
@@ -59,9 +67,9 @@ def attention_modules(hf_model):
     return mods
 
 
-def _position_ids(model_type, config, kw, P, S, past_len, device):
+def _position_ids(model_type, config, kw, P, S, past_len, device, ignore_given=False):
     given = kw.get("position_ids")
-    if given is not None:
+    if given is not None and not ignore_given:
         return given + P
     family = POSITION_FAMILY[model_type]
     mask = kw.get("attention_mask")
@@ -92,19 +100,20 @@ def _seq_len_of(kw):
 class Attachment:
     """What ``attach_prefix`` changed on one model, so that it can be undone."""
 
-    def __init__(self, hf_model, state: PrefixState):
+    def __init__(self, hf_model, state: PrefixState, ignore_position_ids: bool = False):
         self.model = hf_model
         self.state = state
         self.model_type = check_supported(hf_model)
-        self.backbone = hf_model.base_model
-        if self.model_type == "opt":  # OPTForCausalLM calls model.decoder directly
-            self.backbone = self.backbone.decoder
+        self.backbone = backbone_of(hf_model)
         self.previous_attn = hf_model.config._attn_implementation
         self.modules = attention_modules(hf_model)
         if not self.modules:
             raise ValueError(f"found no attention modules with a layer_idx in {type(hf_model).__name__}")
         self._signature = inspect.signature(self.backbone.forward)
         self._handle = None
+        # PEFT shifts explicit position_ids by P for prefix tuning, and drops them for prompt
+        # methods (whose virtual tokens we serve through the shared pass).
+        self.ignore_position_ids = ignore_position_ids
 
     def install(self):
         _attention.register()
@@ -142,6 +151,8 @@ class Attachment:
             )
 
     def _pre_hook(self, module, args, kwargs):
+        if self.state.computing:  # the shared virtual-token pass runs the backbone plainly
+            return None
         if args:
             kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
             kwargs.update(kwargs.pop("kwargs", {}) or {})
@@ -151,7 +162,8 @@ class Attachment:
         B, S, device = _seq_len_of(kwargs)
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        kwargs["position_ids"] = _position_ids(self.model_type, self.model.config, kwargs, P, S, past_len, device)
+        kwargs["position_ids"] = _position_ids(self.model_type, self.model.config, kwargs, P, S, past_len, device,
+                                               ignore_given=self.ignore_position_ids)
         if kwargs.get("attention_mask") is None and past is None and torch.compiler.is_compiling():
             # Under torch.compile HF cannot rule out packed sequences from position_ids alone;
             # an explicit all-True padding mask keeps the mask function on the plain path.
@@ -159,5 +171,5 @@ class Attachment:
         return (), kwargs
 
 
-def attach_prefix(hf_model, state: PrefixState) -> Attachment:
-    return Attachment(hf_model, state).install()
+def attach_prefix(hf_model, state: PrefixState, ignore_position_ids: bool = False) -> Attachment:
+    return Attachment(hf_model, state, ignore_position_ids).install()

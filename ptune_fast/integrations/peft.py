@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 
 import torch
 
 from ptune_fast import reference
 from ptune_fast.encoders import encode
-from ptune_fast.integrations.core import attach_prefix, check_supported
+from ptune_fast.integrations import shared_pass
+from ptune_fast.integrations.core import CAUSAL_DECODERS, attach_prefix, backbone_of, check_supported
 from ptune_fast.integrations.state import PrefixState
 
 _ATTR = "_ptune_fast_patch"
@@ -72,6 +74,24 @@ def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_em
                            labels=labels, **common, **kwargs)
 
 
+def _patched_forward_shared(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                            output_attentions=None, output_hidden_states=None, return_dict=None,
+                            task_ids=None, **kwargs):
+    """Prompt/P-tuning with the shared virtual-token pass: outputs cover the S real tokens."""
+    patch = getattr(self, _ATTR)
+    if task_ids is not None:
+        raise ValueError("task_ids: a patched single-adapter model has no task bank (see ptune_fast.TaskBank)")
+    if kwargs.get("position_ids") is not None:
+        warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+        kwargs["position_ids"] = None
+    out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                          return_dict=True, **kwargs)
+    if labels is not None:
+        out.loss = shared_pass.causal_lm_loss(patch.hf_model, out.logits, labels, patch.state)
+    return out if return_dict is not False else out.to_tuple()
+
+
 def _patched_get_prompt_prefix(self, batch_size, task_ids=None, max_cache_len=None):
     return None  # the prefix lives in PrefixState, not in a cache
 
@@ -94,7 +114,7 @@ def _patched_generate_prefix(self, *args, **kwargs):
 
 
 class PeftPatch:
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, prompt_pass: str = "auto"):
         self.peft_model = peft_model
         self.adapter = peft_model.active_adapter
         cfg = peft_model.peft_config[self.adapter]
@@ -108,6 +128,17 @@ class PeftPatch:
             and "past_key_values" not in inspect.signature(peft_model.base_model.forward).parameters
         )
         self.hf_model = hf
+        task = str(getattr(cfg.task_type, "value", cfg.task_type))
+        can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM"
+                     and hf.config.model_type in CAUSAL_DECODERS)
+        if prompt_pass not in ("auto", "shared", "per_row"):
+            raise ValueError(f"prompt_pass must be 'auto', 'shared' or 'per_row', got {prompt_pass!r}")
+        if prompt_pass == "shared" and not can_share:
+            raise ValueError(
+                "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM decoder "
+                f"({', '.join(CAUSAL_DECODERS)}); got {self.method} / {task} / {hf.config.model_type!r}"
+            )
+        self.shared = can_share and prompt_pass != "per_row"
 
     def _override(self, name, fn):
         self.saved[name] = self.peft_model.__dict__.get(name, None)
@@ -125,6 +156,16 @@ class PeftPatch:
             self._override("get_prompt", _patched_get_prompt_prefix)
             if hasattr(type(pm), "generate"):
                 self._override("generate", _patched_generate_prefix)
+        elif self.shared:
+            enc = pm.prompt_encoder[self.adapter]
+            cfg = pm.peft_config[self.adapter]
+            state = PrefixState(None, lambda: enc.parameters(), cfg.num_virtual_tokens)
+            backbone = backbone_of(self.hf_model)
+            state.provider = shared_pass.make_provider(self.hf_model, backbone, enc, state,
+                                                       lambda: pm.word_embeddings.weight.dtype)
+            self.attachment = attach_prefix(self.hf_model, state, ignore_position_ids=True)
+            self._override("forward", _patched_forward_shared)
+            self._override("generate", _patched_generate_prefix)
         else:
             self._override("get_prompt", _patched_get_prompt_tokens)
         setattr(pm, _ATTR, self)
@@ -146,8 +187,14 @@ class PeftPatch:
         delattr(pm, _ATTR)
 
 
-def patch_peft(peft_model):
-    """Patch a PEFT ``PeftModel`` in place (see the module docstring). Returns the model."""
+def patch_peft(peft_model, prompt_pass: str = "auto"):
+    """Patch a PEFT ``PeftModel`` in place (see the module docstring). Returns the model.
+
+    ``prompt_pass`` (P_TUNING / PROMPT_TUNING): ``"shared"`` runs the virtual tokens once per
+    step and attends to their K/V as a prefix (causal-LM decoders only; outputs then cover
+    the real tokens only), ``"per_row"`` prepends them to every row as PEFT does, ``"auto"``
+    picks ``"shared"`` where it is exact.
+    """
     if is_patched(peft_model):
         return peft_model
     cfg = peft_model.active_peft_config
@@ -160,7 +207,7 @@ def patch_peft(peft_model):
     if task not in ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION"):
         raise ValueError(f"ptune_fast supports task types CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION, got {task}")
     check_supported(peft_model.get_base_model())
-    return PeftPatch(peft_model).install()
+    return PeftPatch(peft_model, prompt_pass).install()
 
 
 def unpatch_peft(peft_model):

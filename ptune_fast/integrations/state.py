@@ -28,6 +28,8 @@ class PrefixState:
         self.task_ids: Optional[torch.Tensor] = None
         self._cache_key = None
         self.encoder_calls = 0  # how many times the encoder ran (tests, benchmarks)
+        self.extra = {}  # provider by-products (e.g. the shared pass's last virtual hidden state)
+        self.computing = False  # True while the provider runs the model itself (shared pass)
 
     def refresh(self) -> None:
         params = list(self.parameters())
@@ -35,16 +37,21 @@ class PrefixState:
         key = None if needs_grad else tuple((id(p), p._version, p.device, p.dtype) for p in params)
         if key is not None and key == self._cache_key and self.keys is not None:
             return
-        keys, values = self.provider()
+        self.computing = True
+        try:
+            keys, values = self.provider()
+        finally:
+            self.computing = False
         self.keys, self.values = keys, values
         self._cache_key = key
         self.encoder_calls += 1
 
     def layer(self, idx: Optional[int]):
-        if self.keys is None or idx is None or idx >= self.keys.shape[0]:
+        if self.computing or self.keys is None or idx is None or idx >= self.keys.shape[0]:
             return None
         return self.keys[idx], self.values[idx], self.task_ids
 
     def clear(self) -> None:
         self.keys = self.values = self.task_ids = None
         self._cache_key = None
+        self.extra = {}
