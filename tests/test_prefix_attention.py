@@ -1,0 +1,431 @@
+"""prefix_attention: Triton kernels (run under TRITON_INTERPRET=1 on CPU) against the reference,
+the torch.library registration (torch.compile, autograd), dispatch and input checks.
+
+Error bound (FlashAttention's rule): for every output and gradient,
+``max|kernel - ref64| <= 3 * max|ref_lp - ref64| + eps`` where ``ref64`` is the reference on
+the fp64-cast inputs and ``ref_lp`` the reference run on the same low-precision inputs. Our
+reference computes in fp32 and only rounds at its inputs/outputs, whereas a kernel must also
+round the probabilities and dS tiles to the input dtype before its tensor-core dots; ``eps``
+covers that: a few units in the last place of the dtype, scaled by the largest ``|ref64|``
+(``EPS_ULPS * unit_roundoff * max(1, max|ref64|)``). For fp32 the unit roundoff is 2^-24, and
+the extra allowance covers accumulation-order differences over up to P + T terms.
+"""
+import importlib
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is created
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ptune_fast import _backend, reference
+from ptune_fast.ops import prefix_attention
+
+pa = importlib.import_module("ptune_fast.ops.prefix_attention")
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+FLOAT_ARGS = ("q", "k", "v", "prefix_k", "prefix_v")
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+EPS_ULPS = {torch.float32: 64, torch.float16: 4, torch.bfloat16: 4}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_inputs(B=2, H=4, Hkv=2, S=5, T=None, P=7, D=64, bank=False, pad=None, seed=0, n_tasks=3):
+    """Fresh N(0,1) fp32 CPU inputs (never zeros) and an upstream gradient."""
+    T = S if T is None else T
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x = dict(q=rnd(B, H, S, D), k=rnd(B, Hkv, T, D), v=rnd(B, Hkv, T, D), prefix_k=None, prefix_v=None,
+             task_ids=None, key_padding_mask=None)
+    if P:
+        shape = (n_tasks, Hkv, P, D) if bank else (Hkv, P, D)
+        x["prefix_k"], x["prefix_v"] = rnd(*shape), rnd(*shape)
+        if bank:
+            x["task_ids"] = torch.tensor([2, 0, 2, 0][:B])  # entry 1 unused: its grad must be 0
+    if pad:
+        m = torch.ones(B, T, dtype=torch.bool)
+        if pad in ("left", "both"):
+            m[0, : min(3, T)] = False
+        if pad in ("right", "both"):
+            m[B - 1, max(T - 2, 0):] = False
+        x["key_padding_mask"] = m
+    return x, rnd(B, H, S, D)
+
+
+def run(fn, x, dout, dtype, causal, device=DEV, **kw):
+    """``fn(**inputs)`` on ``dtype`` leaves; returns ``{"out": ..., "q": dq, ...}`` (fp64 copies)."""
+    leaves = {n: (x[n].to(device, dtype).requires_grad_() if x[n] is not None else None) for n in FLOAT_ARGS}
+    other = {n: (x[n].to(device) if x[n] is not None else None) for n in ("task_ids", "key_padding_mask")}
+    out = fn(**leaves, **other, causal=causal, **kw)
+    wrt = [n for n in FLOAT_ARGS if leaves[n] is not None]
+    grads = torch.autograd.grad(out, [leaves[n] for n in wrt], dout.to(device, out.dtype))
+    res = {"out": out.detach().double().cpu()}
+    res.update({n: g.double().cpu() for n, g in zip(wrt, grads)})
+    return res
+
+
+def check_against_reference(x, dout, dtype, causal, monkeypatch, backend="triton", device=DEV):
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    before = _backend.CALLS[(pa.OP, backend)]
+    got = run(prefix_attention, x, dout, dtype, causal, device)
+    assert _backend.CALLS[(pa.OP, backend)] == before + 1
+    monkeypatch.delenv(_backend.ENV_VAR)
+    ref64 = run(reference.prefix_attention, x, dout, torch.float64, causal, device)
+    ref_lp = run(reference.prefix_attention, x, dout, dtype, causal, device)
+    for name, r in ref64.items():
+        assert torch.isfinite(got[name]).all(), f"{name}: non-finite values"
+        err = (got[name] - r).abs().max().item()
+        base = (ref_lp[name] - r).abs().max().item()
+        eps = EPS_ULPS[dtype] * UNIT_ROUNDOFF[dtype] * max(1.0, r.abs().max().item())
+        assert err <= 3 * base + eps, f"{name}: |kernel - ref64| = {err:.3g} > 3 * {base:.3g} + {eps:.3g}"
+    return got
+
+
+# ----------------------------------------------------------------------------- kernel vs reference
+
+def _grid():
+    """P x S x causal in full (fp32); D, GQA, cache offset, padding and bank rotate over the cases
+    so that every value meets every other in some case without a full product."""
+    cases = []
+    for i, (P, S, causal) in enumerate(itertools.product((0, 1, 7), (1, 5, 17), (True, False))):
+        D = (64, 80, 128)[i % 3]
+        H, Hkv = ((4, 2), (2, 2))[i % 2]
+        T = S + (0, 3)[(i // 2) % 2]
+        pad = (None, "left", "right", "both")[i % 4]
+        bank = bool(P) and (i // 3) % 2 == 1
+        cases.append(pytest.param(dict(H=H, Hkv=Hkv, S=S, T=T, P=P, D=D, pad=pad, bank=bank), causal,
+                                  id=f"P{P}-S{S}-T{T}-D{D}-H{H}kv{Hkv}-{pad}-{'bank' if bank else 'shared'}-"
+                                     f"{'causal' if causal else 'bidir'}"))
+    return cases
+
+
+@pytest.mark.parametrize("shape, causal", _grid())
+def test_triton_fp32_grid(shape, causal, monkeypatch):
+    x, dout = make_inputs(seed=hash(str(shape)) % 1000, **shape)
+    got = check_against_reference(x, dout, torch.float32, causal, monkeypatch)
+    if shape["bank"]:
+        assert got["prefix_k"][1].abs().max() == 0 and got["prefix_v"][1].abs().max() == 0
+
+
+LOW_PRECISION_CASES = [
+    pytest.param(dict(H=4, Hkv=2, S=17, T=17, P=7, D=128, pad="left", bank=True), True, id="gqa-bank-left-causal"),
+    pytest.param(dict(H=2, Hkv=2, S=5, T=8, P=1, D=80, pad="right"), False, id="mha-cache-right-bidir"),
+    pytest.param(dict(H=4, Hkv=1, S=17, T=20, P=0, D=64, pad="both"), True, id="mqa-noprefix-both-causal"),
+    pytest.param(dict(H=4, Hkv=2, S=1, T=9, P=7, D=128), True, id="decode-S1-cache"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape, causal", LOW_PRECISION_CASES)
+def test_triton_low_precision(shape, causal, dtype, monkeypatch):
+    x, dout = make_inputs(seed=7, **shape)
+    check_against_reference(x, dout, dtype, causal, monkeypatch)
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param(dict(H=2, Hkv=1, S=5, T=6, P=3, D=96, pad="left"), id="D96"),
+    pytest.param(dict(H=2, Hkv=2, S=3, T=3, P=2, D=256, bank=True), id="D256"),
+    pytest.param(dict(H=2, Hkv=1, S=17, T=20, P=20, D=64, pad="both", bank=True), id="P20-multiblock-prefix"),
+    pytest.param(dict(B=3, H=2, Hkv=2, S=4, T=4, P=0, D=64, pad="left"), id="fully-masked-rows"),
+])
+def test_triton_more_shapes(shape, monkeypatch):
+    x, dout = make_inputs(seed=3, **shape)
+    got = check_against_reference(x, dout, torch.float32, True, monkeypatch)
+    if shape["P"] == 0:  # row 0: queries 0..2 see only padded keys -> output 0, zero grads
+        assert got["out"][0, :, :3].abs().max() == 0 and got["q"][0, :, :3].abs().max() == 0
+
+
+def test_triton_lse_and_noncontiguous_inputs(monkeypatch):
+    """HF hands over q/k/v as transposed views of [B, S, H, D] and an int64 mask; lse = reference's."""
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    x, dout = make_inputs(B=2, H=4, Hkv=2, S=6, T=9, P=3, D=64, pad="both")
+    q, k, v = (x[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v"))
+    assert not q.is_contiguous()
+    mask = x["key_padding_mask"].long()
+    out, lse, _ = tri.forward(q.to(DEV), k.to(DEV), v.to(DEV), x["prefix_k"].to(DEV), x["prefix_v"].to(DEV), None,
+                              mask.to(DEV), True, None, 0.0)
+    ref, ref_lse = reference.prefix_attention(q, k, v, x["prefix_k"], x["prefix_v"], None, mask, True, None,
+                                              return_lse=True)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=1e-5)
+    x.update(q=q, k=k, v=v, key_padding_mask=mask)
+    check_against_reference(x, dout.transpose(1, 2).contiguous().transpose(1, 2), torch.float32, True, monkeypatch)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def _explicit_dropout_attention(x, keep, p, causal, scale=None):
+    """fp64 attention with an explicit keep mask [B, H, S, P+T] (prefix columns first)."""
+    q, k, v = x["q"], x["k"], x["v"]
+    B, H, S, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    P = 0 if x["prefix_k"] is None else x["prefix_k"].shape[-2]
+    kk, vv, m = k, v, torch.ones(B, 1, S, T, dtype=torch.bool)
+    if causal:
+        m = m & torch.ones(S, T, dtype=torch.bool).tril(T - S)
+    if x["key_padding_mask"] is not None:
+        m = m & x["key_padding_mask"].bool()[:, None, None, :]
+    if P:
+        kk = torch.cat([reference.expand_prefix(x["prefix_k"], B, x["task_ids"]), k], 2)
+        vv = torch.cat([reference.expand_prefix(x["prefix_v"], B, x["task_ids"]), v], 2)
+        m = torch.cat([torch.ones(B, 1, S, P, dtype=torch.bool), m.expand(B, 1, S, T)], -1)
+    kk, vv = kk.repeat_interleave(H // Hkv, 1), vv.repeat_interleave(H // Hkv, 1)
+    s = (q @ kk.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    probs = s.masked_fill(~m, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (probs * keep / (1 - p)) @ vv
+
+
+def test_triton_dropout_matches_explicit_mask(monkeypatch):
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    B, H, Hkv, S, T, P, p = 2, 4, 2, 5, 8, 7, 0.3
+    x, dout = make_inputs(B=B, H=H, Hkv=Hkv, S=S, T=T, P=P, D=64, bank=True, pad="left", seed=11)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    leaves = {n: x[n].to(DEV).requires_grad_() for n in FLOAT_ARGS}
+    kw = dict(task_ids=x["task_ids"].to(DEV), key_padding_mask=x["key_padding_mask"].to(DEV))
+    out, _lse, rng = pa._prefix_attention_op(*leaves.values(), kw["task_ids"], kw["key_padding_mask"], True, None,
+                                             p, True)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout.to(DEV))
+    keep = tri.dropout_keep_mask(rng, B, H, S, P, T, p).cpu()
+    assert abs(keep.double().mean().item() - (1 - p)) < 0.05
+    ref_in = {n: (t.double().requires_grad_() if n in FLOAT_ARGS else t) for n, t in x.items()}
+    ref = _explicit_dropout_attention(ref_in, keep, p, True)
+    ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in FLOAT_ARGS], dout.double())
+    torch.testing.assert_close(out.detach().cpu().double(), ref, atol=1e-5, rtol=1e-5)
+    for n, g, r in zip(FLOAT_ARGS, grads, ref_grads):
+        torch.testing.assert_close(g.cpu().double(), r, atol=5e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    # the same seed state gives the same mask; another draw gives another
+    torch.manual_seed(5)
+    a = prefix_attention(*[t.detach() for t in leaves.values()], **kw, dropout_p=p)
+    torch.manual_seed(5)
+    b = prefix_attention(*[t.detach() for t in leaves.values()], **kw, dropout_p=p)
+    c = prefix_attention(*[t.detach() for t in leaves.values()], **kw, dropout_p=p)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_reference_dropout_backward_regenerates_the_mask():
+    """CPU dispatch (reference): the recomputing backward sees the forward's dropout mask."""
+    x, dout = make_inputs(H=2, Hkv=1, S=5, T=6, P=3, D=16, pad="right")
+    torch.manual_seed(123)
+    got = run(prefix_attention, x, dout, torch.float32, True, "cpu", dropout_p=0.4)
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())  # the op's draw
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        want = run(reference.prefix_attention, x, dout, torch.float32, True, "cpu", dropout_p=0.4)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, D, Hkv, P, n_tasks=None):
+        super().__init__()
+        shape = (n_tasks, Hkv, P, D) if n_tasks else (Hkv, P, D)
+        self.pk = torch.nn.Parameter(torch.randn(shape))
+        self.pv = torch.nn.Parameter(torch.randn(shape))
+
+    def forward(self, q, k, v, task_ids, mask):
+        out = prefix_attention(q * 1.5, k, v, self.pk, self.pv, task_ids, key_padding_mask=mask, causal=True)
+        return out.float().tanh().sum()
+
+
+@pytest.mark.parametrize("backend, compiler", [("auto", "aot_eager"), ("triton", "aot_eager"),
+                                               pytest.param("auto", "inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_matches_eager(backend, compiler, monkeypatch):
+    if backend != "auto":
+        monkeypatch.setenv(_backend.ENV_VAR, backend)
+    torch.manual_seed(0)
+    B, H, Hkv, S, T, P, D = 2, 4, 2, 5, 7, 3, 16
+    mod = _Block(D, Hkv, P, n_tasks=3)
+    ins = [torch.randn(B, H, S, D, requires_grad=True), torch.randn(B, Hkv, T, D, requires_grad=True),
+           torch.randn(B, Hkv, T, D, requires_grad=True), torch.tensor([1, 2]), torch.ones(B, T, dtype=torch.bool)]
+    ins[4][0, :2] = False
+    wrt = [*ins[:3], mod.pk, mod.pv]
+    eager_loss = mod(*ins)
+    eager = torch.autograd.grad(eager_loss, wrt)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, backend=compiler, fullgraph=True)  # fullgraph: a graph break raises
+    loss = compiled(*ins)
+    grads = torch.autograd.grad(loss, wrt)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_op_is_registered_with_fake_impl():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    schema = str(torch.ops.ptune_fast.prefix_attention.default._schema)
+    assert "Tensor? prefix_k" in schema and "Tensor? task_ids" in schema
+    with FakeTensorMode():
+        q, k = torch.empty(2, 4, 3, 80), torch.empty(2, 2, 5, 80)
+        out, lse, rng = pa._prefix_attention_op(q, k, k, None, None, None, None, True, None, 0.1, True)
+    assert out.shape == (2, 4, 3, 80) and lse.shape == (2, 4, 3) and rng.shape == (1,)
+
+
+# ----------------------------------------------------------------------------- dispatch and errors
+
+
+def test_cpu_auto_dispatch_uses_reference(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, dout = make_inputs(P=3, D=16)
+    before = dict(_backend.CALLS)
+    got = run(prefix_attention, x, dout, torch.float32, True, "cpu")
+    after = _backend.CALLS
+    assert after[(pa.OP, "reference")] == before.get((pa.OP, "reference"), 0) + 1
+    assert after[(pa.OP + ".backward", "reference")] == before.get((pa.OP + ".backward", "reference"), 0) + 1
+    assert after[(pa.OP, "triton")] == before.get((pa.OP, "triton"), 0)
+    ref = run(reference.prefix_attention, x, dout, torch.float32, True, "cpu")
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n])
+
+
+@pytest.mark.parametrize("forced, dtype, D, match", [
+    ("cuda", torch.float16, 64, "cuda"),
+    ("triton", torch.float64, 64, "dtype"),
+    ("triton", torch.float32, 512, "head dim"),
+])
+def test_forced_backend_raises_when_it_cannot_serve(forced, dtype, D, match, monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, forced)
+    x, _ = make_inputs(S=2, P=1, D=D)
+    args = [x[n].to(dtype) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    with pytest.raises(_backend.BackendUnavailable, match=match):
+        prefix_attention(*args)
+
+
+def test_forced_cuda_raises_when_grads_are_needed(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    with pytest.raises(_backend.BackendUnavailable):
+        prefix_attention(q, torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+
+
+def test_cpu_without_interpreter_is_refused_by_triton():
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    x, _ = make_inputs(S=2, P=1, D=16)
+    args = (x["q"], x["k"], x["v"], None, None, None, None, True, None, 0.0)
+    if not tri._INTERPRET and not CUDA:
+        assert "TRITON_INTERPRET" in tri.why_not(*args)
+    assert tri.why_not(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def _bad(**over):
+    x, _ = make_inputs(B=2, H=4, Hkv=2, S=3, T=5, P=2, D=16)
+    x.update(over)
+    return x
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(q=torch.randn(2, 4, 3)), ValueError, "q must be 4-D"),
+    (dict(k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8)), ValueError, "k must be"),
+    (dict(v=torch.randn(2, 2, 4, 16)), ValueError, "k and v"),
+    (dict(k=torch.randn(2, 3, 5, 16), v=torch.randn(2, 3, 5, 16)), ValueError, "multiple of k/v heads"),
+    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(prefix_k=torch.randn(2, 2, 16, dtype=torch.float16), prefix_v=torch.randn(2, 2, 16, dtype=torch.float16)),
+     TypeError, "prefix_k"),
+    (dict(prefix_k=torch.randn(3, 2, 16), prefix_v=torch.randn(3, 2, 16)), ValueError, "prefix_k must be"),
+    (dict(prefix_v=None), ValueError, "prefix_k and prefix_v"),
+    (dict(prefix_k=torch.randn(3, 2, 2, 16), prefix_v=torch.randn(3, 2, 2, 16)), ValueError, "task_ids"),
+    (dict(task_ids=torch.tensor([0, 1])), ValueError, "task_ids"),
+    (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "key_padding_mask"),
+    (dict(q=torch.randn(2, 4, 6, 16)), ValueError, "causal attention needs T >= S"),
+])
+def test_bad_inputs_name_the_argument(over, exc, match):
+    with pytest.raises(exc, match=match):
+        prefix_attention(**_bad(**over))
+
+
+def test_bad_dropout_and_type():
+    with pytest.raises(ValueError, match="dropout_p"):
+        prefix_attention(**_bad(), dropout_p=1.0)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        prefix_attention(**_bad(q=[1.0]))
+
+
+# ----------------------------------------------------------------------------- reference vs naive
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), rep=st.sampled_from([1, 2]), Hkv=st.integers(1, 2), S=st.integers(1, 6),
+       extra=st.integers(0, 4), P=st.integers(0, 4), D=st.sampled_from([4, 8, 16]), causal=st.booleans(),
+       bank=st.booleans(), pad=st.sampled_from([None, "left", "right", "both"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_reference_matches_naive_property(B, rep, Hkv, S, extra, P, D, causal, bank, pad, dtype, seed):
+    x, _ = make_inputs(B=B, H=rep * Hkv, Hkv=Hkv, S=S, T=S + extra, P=P, D=D, bank=bank and P > 0, pad=pad,
+                       seed=seed)
+    args = {n: (t.to(dtype) if t is not None and t.is_floating_point() else t) for n, t in x.items()}
+    got = reference.prefix_attention(**args, causal=causal)
+    want = reference.naive_prefix_attention(**args, causal=causal)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- compiled kernels
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="the gpu tests run the compiled kernels")
+def test_kernels_compile_for_sm90():
+    """Without a GPU: compile the three kernels to cubin for sm_90 (catches what the interpreter
+    forgives: dtype mismatches across loop iterations, non-constexpr shapes...)."""
+    code = textwrap.dedent("""
+        import os; os.environ.pop("TRITON_INTERPRET", None)
+        import triton
+        from triton.compiler import ASTSource
+        from triton.backends.compiler import GPUTarget
+        from ptune_fast.ops import _prefix_attention_triton as tri
+        ptr = {"TID": "*i64", "KPM": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32",
+               "RNG": "*i64"}
+        consts = dict(D=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, IS_CAUSAL=True, HAS_KPM=True, IS_BANK=True,
+                      DROPOUT=True, DOT_PREC="tf32")
+        for fn, extra in ((tri._fwd_kernel, dict(STORE_LSE=True)), (tri._bwd_dkv_kernel, {}),
+                          (tri._bwd_dq_kernel, {})):
+            c = dict(consts, **extra)
+            ints = ("H", "HKV", "REP", "S", "T", "P", "TUNE_S", "TUNE_T")
+            sig = {n: "constexpr" if n in c else ptr.get(n, "*bf16") if n[0].isupper() and n not in ints else
+                   "fp32" if n in ("qk_scale", "dropout_p", "scale") else "i32" for n in fn.arg_names}
+            triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32))
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "ptxas" in res.stderr and "not found" in res.stderr:  # pragma: no cover
+        pytest.skip("no ptxas in this Triton install")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+GPU_CASES = [
+    pytest.param(dict(S=512, T=512, pad="left"), True, id="causal-leftpad-shared"),
+    pytest.param(dict(S=512, T=576, pad="right", bank=True), True, id="causal-cache-bank"),
+    pytest.param(dict(S=512, T=512, pad="both"), False, id="bidir-pad"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, causal", GPU_CASES)
+def test_gpu_real_sizes_bf16(shape, causal, monkeypatch):
+    x, dout = make_inputs(B=2, H=32, Hkv=8, P=128, D=128, seed=1, **shape)
+    check_against_reference(x, dout, torch.bfloat16, causal, monkeypatch, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_dispatch_uses_triton_for_training(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, dout = make_inputs(B=2, H=32, Hkv=8, S=64, P=16, D=128)
+    before = _backend.CALLS[(pa.OP, "triton")]
+    run(prefix_attention, x, dout, torch.bfloat16, True, "cuda")
+    assert _backend.CALLS[(pa.OP, "triton")] == before + 1
