@@ -11,3 +11,9 @@ from ptune_fast.integrations.core import SUPPORTED_MODEL_TYPES
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "is_patched", "prefix_attention", "SUPPORTED_MODEL_TYPES", "__version__"]
+
+from ptune_fast.adapter import PromptAdapter
+from ptune_fast.bank import TaskBank, p_tuning, prefix_tuning, prompt_tuning
+from ptune_fast.fold import fold
+
+__all__ += ["PromptAdapter", "TaskBank", "prefix_tuning", "p_tuning", "prompt_tuning", "fold"]

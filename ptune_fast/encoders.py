@@ -17,7 +17,17 @@ from torch import nn
 
 from ptune_fast.ops.prompt_encoder import encoder_mlp
 
-__all__ = ["PrefixEncoder", "PromptEncoder", "PromptEmbedding", "encode", "linear_stack"]
+__all__ = ["PrefixEncoder", "PromptEncoder", "PromptEmbedding", "encode", "linear_stack", "build_encoder"]
+
+
+def build_encoder(config: dict) -> nn.Module:
+    """Rebuild an encoder from its ``.config`` (as saved by :mod:`ptune_fast.io`)."""
+    cfg = dict(config)
+    kind = cfg.pop("kind", None)
+    classes = {"PrefixEncoder": PrefixEncoder, "PromptEncoder": PromptEncoder, "PromptEmbedding": PromptEmbedding}
+    if kind not in classes:
+        raise ValueError(f"unknown encoder kind {kind!r}; expected one of {sorted(classes)}")
+    return classes[kind](**cfg)
 
 
 def linear_stack(seq: nn.Sequential):
@@ -87,6 +97,9 @@ class PrefixEncoder(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if init not in ("normal", "zero"):
             raise ValueError(f"init must be 'normal' or 'zero', got {init!r}")
+        self.config = dict(kind="PrefixEncoder", num_virtual_tokens=num_virtual_tokens, num_layers=num_layers,
+                           num_kv_heads=num_kv_heads, head_dim=head_dim, prefix_projection=prefix_projection,
+                           encoder_hidden_size=encoder_hidden_size)
         self.num_virtual_tokens = num_virtual_tokens
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_projection = prefix_projection
@@ -126,6 +139,9 @@ class PromptEncoder(nn.Module):
         if encoder_type not in ("MLP", "LSTM"):
             raise ValueError(f"encoder_type must be 'MLP' or 'LSTM', got {encoder_type!r}")
         self.encoder_type = encoder_type
+        self.config = dict(kind="PromptEncoder", num_virtual_tokens=num_virtual_tokens, token_dim=token_dim,
+                           encoder_hidden_size=encoder_hidden_size, encoder_type=encoder_type,
+                           encoder_num_layers=encoder_num_layers, encoder_dropout=encoder_dropout)
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
         h = encoder_hidden_size
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
@@ -159,6 +175,7 @@ class PromptEmbedding(nn.Module):
     ):
         super().__init__()
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
+        self.config = dict(kind="PromptEmbedding", num_virtual_tokens=num_virtual_tokens, token_dim=token_dim)
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
         init = init.lower()
         if init == "random":

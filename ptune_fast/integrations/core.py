@@ -116,6 +116,11 @@ class Attachment:
         self.ignore_position_ids = ignore_position_ids
 
     def install(self):
+        if getattr(self.model, "_ptune_fast_attachment", None) is not None:
+            raise ValueError(
+                f"this {type(self.model).__name__} is already served by ptune_fast (a patch or a TaskBank); "
+                "unpatch()/detach() it first, or add tasks to the existing TaskBank"
+            )
         _attention.register()
         self.model.set_attn_implementation(_attention.NAME)
         if self.model.config._attn_implementation != _attention.NAME:
@@ -123,6 +128,7 @@ class Attachment:
         for m in self.modules:
             m._ptune_fast_state = self.state
         self._handle = self.backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self.model._ptune_fast_attachment = self
         return self
 
     def remove(self):
@@ -134,6 +140,7 @@ class Attachment:
                 del m._ptune_fast_state
         self.model.set_attn_implementation(self.previous_attn)
         self.state.clear()
+        self.model.__dict__.pop("_ptune_fast_attachment", None)
 
     def _check_checkpointing(self):
         """Reentrant checkpointing re-runs backward through the (shared) encoder graph once per
@@ -160,6 +167,11 @@ class Attachment:
         self._check_checkpointing()
         P = self.state.num_virtual_tokens
         B, S, device = _seq_len_of(kwargs)
+        tids = self.state.task_ids
+        if tids is not None and tids.shape[0] != B:  # beam search / num_return_sequences expand rows
+            if B % tids.shape[0]:
+                raise ValueError(f"task_ids has {tids.shape[0]} rows but the batch has {B}")
+            self.state.task_ids = tids.repeat_interleave(B // tids.shape[0])
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         kwargs["position_ids"] = _position_ids(self.model_type, self.model.config, kwargs, P, S, past_len, device,

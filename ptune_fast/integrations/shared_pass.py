@@ -27,7 +27,17 @@ def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf_model.config)
-    out = backbone(inputs_embeds=prompts.unsqueeze(0), past_key_values=cache, use_cache=True, return_dict=True)
+    # The virtual tokens attend only to each other: run the backbone with no prefix and no
+    # position shift, whatever ptune_fast state is attached to the model.
+    attached = getattr(hf_model, "_ptune_fast_attachment", None)
+    prev = attached.state.computing if attached is not None else None
+    if attached is not None:
+        attached.state.computing = True
+    try:
+        out = backbone(inputs_embeds=prompts.unsqueeze(0), past_key_values=cache, use_cache=True, return_dict=True)
+    finally:
+        if attached is not None:
+            attached.state.computing = prev
     layers = getattr(cache, "layers", None)
     if layers is not None:
         keys = torch.stack([layer.keys[0] for layer in layers])

@@ -30,7 +30,6 @@ The backend is chosen *inside* the registered op (opaque to ``torch.compile``: n
 at the call, and the env var ``PTUNE_FAST_BACKEND`` / the counters are read at run time).
 The backward re-runs the same choice (a forced backend must be forced for both).
 """
-from __future__ import annotations
 
 import contextlib
 from typing import Optional
