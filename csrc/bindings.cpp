@@ -6,10 +6,12 @@
 //   decode_attention(q, k, v, prefix_k?, prefix_v?, task_ids?, key_padding_mask?, causal, scale,
 //                    num_splits=0) -> out [B, H, S, D]
 //   encoder_mlp_fwd(x, indices?, weights[], biases[], activation, out_dtype) -> out [n, d_out]
-// Python module: built_archs() -> the TORCH_CUDA_ARCH_LIST baked in at build time,
+// Python module: built_archs() -> list of the TORCH_CUDA_ARCH_LIST entries baked in at build
+//                time (e.g. ["8.0", "9.0"]); attribute arch_list -> that string verbatim;
 //                cuda_runtime_version() -> CUDART_VERSION the extension was compiled with.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -268,8 +270,24 @@ TORCH_LIBRARY_IMPL(ptune_fast_C, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptune_fast CUDA kernels (ops under torch.ops.ptune_fast_C)";
-  m.def("built_archs", []() { return std::string(PTUNE_FAST_ARCH_LIST); },
-        "TORCH_CUDA_ARCH_LIST the extension was compiled for");
+  m.def(
+      "built_archs",
+      []() {
+        std::vector<std::string> archs;
+        std::string cur;
+        for (const char* c = PTUNE_FAST_ARCH_LIST;; ++c) {
+          if (*c == ';' || *c == ' ' || *c == ',' || *c == '\0') {
+            if (!cur.empty()) archs.push_back(cur);
+            cur.clear();
+            if (*c == '\0') break;
+          } else {
+            cur.push_back(*c);
+          }
+        }
+        return archs;
+      },
+      "TORCH_CUDA_ARCH_LIST entries the extension was compiled for");
+  m.attr("arch_list") = PTUNE_FAST_ARCH_LIST;
   m.def("cuda_runtime_version", []() { return static_cast<int>(CUDART_VERSION); },
         "CUDART_VERSION at compile time");
 }
