@@ -1,0 +1,201 @@
+"""TaskBank, standalone constructors, folding and adapter files, checked against PEFT."""
+import os
+
+import pytest
+import torch
+
+import ptune_fast
+from ptune_fast import PromptAdapter, TaskBank
+from tests.models import batch, peft_model, tiny_model
+
+pytest.importorskip("peft")
+
+
+def _peft_encoder_into(adapter, pm):
+    sd = pm.prompt_encoder["default"].state_dict()
+    adapter.encoder.load_state_dict(sd, strict=True)  # PEFT's parameter names and shapes load as they are
+    return adapter
+
+
+@pytest.mark.parametrize("method,kind", [("prefix", "llama"), ("prefix_proj", "qwen2"), ("ptuning_mlp", "gpt2"),
+                                         ("ptuning_lstm", "llama"), ("prompt", "opt")])
+def test_standalone_equals_peft(method, kind):
+    pm = peft_model(kind, method)
+    ids, mask, labels = batch(kind, 3, 8, "left")
+    ref = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    hf = tiny_model(kind)
+    if method.startswith("prefix"):
+        ad = PromptAdapter.prefix_tuning(hf, 5, method == "prefix_proj", 32)
+    elif method.startswith("ptuning"):
+        ad = PromptAdapter.p_tuning(hf, 5, "MLP" if method == "ptuning_mlp" else "LSTM", 32)
+    else:
+        ad = PromptAdapter.prompt_tuning(hf, 5)
+    bank = TaskBank(hf, {"t": _peft_encoder_into(ad, pm)})
+    got = bank(input_ids=ids, attention_mask=mask, labels=labels)
+    rl = ref.logits[:, -8:] if ref.logits.shape[1] > 8 else ref.logits
+    assert ((got.logits - rl) * mask[:, :, None]).abs().max().item() <= 1e-5
+    assert abs(got.loss.item() - ref.loss.item()) <= 1e-5
+    got.loss.backward()
+    assert all(p.grad is not None for p in bank.tasks["t"].parameters())
+
+
+def _three_task_bank(hf):
+    torch.manual_seed(5)
+    return {"pre": PromptAdapter.prefix_tuning(hf, 4, True, 16), "v2": PromptAdapter.prefix_tuning(hf, 4),
+            "pt": PromptAdapter.p_tuning(hf, 4, "LSTM", 16), "prm": PromptAdapter.prompt_tuning(hf, 4)}
+
+
+def test_mixed_bank_equals_each_task_alone():
+    hf = tiny_model("llama")
+    adapters = _three_task_bank(hf)
+    names = ["pre", "v2", "pt", "prm"]
+    ids, mask, labels = batch("llama", 4, 7, "left")
+    bank = TaskBank(hf, adapters)
+    out = bank(input_ids=ids, attention_mask=mask, labels=labels, tasks=names)
+    with torch.no_grad():
+        gen = bank.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1,
+                            tasks=names)
+        beam = bank.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
+                             pad_token_id=1, tasks=names)
+    bank.detach()
+    losses = []
+    for row, name in enumerate(names):
+        single = TaskBank(hf, {name: adapters[name]})
+        r = single(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], labels=labels[row:row + 1])
+        torch.testing.assert_close(out.logits[row:row + 1], r.logits, rtol=0, atol=1e-5)
+        with torch.no_grad():
+            g = single.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], max_new_tokens=4,
+                                do_sample=False, pad_token_id=1)
+            b = single.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], max_new_tokens=4,
+                                num_beams=2, do_sample=False, pad_token_id=1)
+        assert torch.equal(gen[row:row + 1], g)
+        assert torch.equal(beam[row:row + 1], b)
+        n_tok = (labels[row, 1:] != -100).sum() + (labels[row, 0] != -100) * (name in ("pt", "prm"))
+        losses.append((r.loss.detach(), n_tok))
+        single.detach()
+    # the bank's mean loss is the token-weighted mean of the per-task losses
+    tot = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+    torch.testing.assert_close(out.loss.detach(), tot, rtol=1e-5, atol=1e-6)
+
+
+def test_add_remove_task_leaves_others_untouched():
+    hf = tiny_model("qwen3")
+    adapters = _three_task_bank(hf)
+    bank = TaskBank(hf, {"pre": adapters["pre"], "v2": adapters["v2"]})
+    ids, mask, _ = batch("qwen3", 2, 6, "right")
+    before = bank(input_ids=ids, attention_mask=mask, tasks=["pre", "v2"]).logits
+    w = adapters["pre"].encoder.embedding.weight.clone()
+    bank.add_task("pt", adapters["pt"])
+    mid = bank(input_ids=ids, attention_mask=mask, tasks=["pre", "v2"]).logits
+    bank.remove_task("pt")
+    after = bank(input_ids=ids, attention_mask=mask, tasks=["pre", "v2"]).logits
+    assert torch.equal(before, mid) and torch.equal(before, after)
+    assert torch.equal(w, adapters["pre"].encoder.embedding.weight)
+    with pytest.raises(ValueError, match="share P"):
+        bank.add_task("other", PromptAdapter.prefix_tuning(hf, 3))
+    with pytest.raises(ValueError, match="unknown task"):
+        bank(input_ids=ids, attention_mask=mask, tasks=["pre", "nope"])
+    with pytest.raises(ValueError, match="name one per row"):
+        bank(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="already served"):
+        TaskBank(hf, {"x": PromptAdapter.prefix_tuning(hf, 4)})
+
+
+@pytest.mark.parametrize("method", ["prefix_proj", "ptuning_mlp", "ptuning_lstm", "prompt"])
+def test_fold_patched_peft(method):
+    pm = peft_model("llama", method, n=6)
+    ids, mask, _ = batch("llama", 3, 7, "left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1)
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+        ref_gen = pm.generate(**kw)
+        ptune_fast.patch(pm)
+        report = ptune_fast.fold(pm)
+        got = pm(input_ids=ids, attention_mask=mask).logits
+        got_gen = pm.generate(**kw)
+    assert report["removed"] == ([] if method == "prompt" else report["removed"]) and isinstance(report, dict)
+    if method != "prefix_proj":
+        assert "keys" in report["static"]  # deep-folded: per-layer K/V of the virtual tokens
+        state = pm._ptune_fast_patch.state
+        calls = state.encoder_calls
+        with torch.no_grad():
+            pm(input_ids=ids, attention_mask=mask)
+        assert state.encoder_calls == calls  # static prefix: no encoder run, no virtual-token pass
+    rl = ref[:, -7:]
+    assert ((got[:, -7:] - rl) * mask[:, :, None]).abs().max().item() <= 1e-4
+    assert torch.equal(got_gen, ref_gen)
+    assert not any(p.requires_grad for p in pm.prompt_encoder.parameters())
+
+
+def test_fold_refuses_bidirectional():
+    pm = peft_model("bert", "ptuning_mlp")
+    ptune_fast.patch(pm)
+    with pytest.raises(ValueError, match="bidirectional"):
+        ptune_fast.fold(pm, deep=True)
+    with pytest.raises(ValueError, match="causal decoder"):
+        PromptAdapter.prompt_tuning(tiny_model("bert"), 4)
+
+
+def test_own_files_round_trip_and_resume(tmp_path):
+    hf = tiny_model("mistral")
+    adapters = _three_task_bank(hf)
+    bank = TaskBank(hf, adapters)
+    ids, mask, labels = batch("mistral", 4, 6, "left")
+    names = ["pre", "v2", "pt", "prm"]
+    ref = bank(input_ids=ids, attention_mask=mask, labels=labels, tasks=names)
+    bank.save_pretrained(str(tmp_path))
+    bank.detach()
+    bank2 = TaskBank.from_pretrained(hf, {n: str(tmp_path / n) for n in names})
+    got = bank2(input_ids=ids, attention_mask=mask, labels=labels, tasks=names)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=0, atol=0)
+    # the trainable encoder is back: training resumes
+    got.loss.backward()
+    assert bank2.tasks["pt"].encoder.lstm_head.weight_hh_l0.grad is not None
+    bank2.fold()
+    bank2.save_pretrained(str(tmp_path / "folded"))
+    bank2.detach()
+    bank3 = TaskBank.from_pretrained(hf, {n: str(tmp_path / "folded" / n) for n in names})
+    with torch.no_grad():
+        f = bank3(input_ids=ids, attention_mask=mask, tasks=names).logits
+    assert bank3.tasks["prm"].folded == "deep"
+    torch.testing.assert_close(f, ref.logits.detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prefix_proj", "prompt", "ptuning_mlp"])
+def test_peft_directory_loads(tmp_path, method):
+    pm = peft_model("llama", method)
+    ids, mask, _ = batch("llama", 2, 6, "left")
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits[:, -6:]
+    pm.save_pretrained(str(tmp_path))
+    assert os.path.exists(tmp_path / "adapter_model.safetensors")
+    bank = TaskBank.from_pretrained(tiny_model("llama"), {"t": str(tmp_path)})
+    with torch.no_grad():
+        got = bank(input_ids=ids, attention_mask=mask).logits
+    assert ((got - ref) * mask[:, :, None]).abs().max().item() <= 1e-5
+
+
+def test_bad_files_leave_bank_unchanged(tmp_path):
+    hf = tiny_model("llama")
+    adapters = _three_task_bank(hf)
+    bank = TaskBank(hf, {"pre": adapters["pre"]})
+    bank.save_pretrained(str(tmp_path))
+    f = tmp_path / "pre" / "ptune_fast_adapter.safetensors"
+    data = f.read_bytes()
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / f.name).write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / f.name).write_bytes(b"\x00" * 8 + data[8:])
+    ids, mask, _ = batch("llama", 1, 5, "none")
+    before = bank(input_ids=ids, attention_mask=mask, tasks=["pre"]).logits
+    for bad in ("trunc", "corrupt"):
+        with pytest.raises(ValueError, match="could not read"):
+            bank.load_task("x", str(tmp_path / bad))
+    with pytest.raises(ValueError, match="neither a ptune_fast adapter"):
+        bank.load_task("x", str(tmp_path / "missing"))
+    other = tiny_model("qwen2")  # another model: different head_dim/layout
+    other.config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="another model"):
+        TaskBank.from_pretrained(other, {"pre": str(tmp_path / "pre")})
+    assert bank.task_names == ["pre"]
+    assert torch.equal(before, bank(input_ids=ids, attention_mask=mask, tasks=["pre"]).logits)
