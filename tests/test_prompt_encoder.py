@@ -243,15 +243,32 @@ def test_fused_forward_prefix_projection_wide_output():
 
 
 @gpu_test
+def test_auto_dispatch_with_grad_takes_the_reference(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    ws, bs, act = make_head("prefix", 64, 128, device="cuda")
+    ws[0].requires_grad_()
+    before = _backend.CALLS[(pe.OP, "reference")]
+    encoder_mlp(make_x(5, 64, device="cuda"), ws, bs, act)
+    assert _backend.CALLS[(pe.OP, "reference")] == before + 1
+    with torch.no_grad():
+        before = _backend.CALLS[(pe.OP, "cuda")]
+        encoder_mlp(make_x(5, 64, device="cuda"), ws, bs, act)
+        assert _backend.CALLS[(pe.OP, "cuda")] == before + 1
+
+
+@gpu_test
 @pytest.mark.parametrize("kind", ("prefix", "ptuning"))
-def test_fused_gradients_match_reference(kind):
+def test_fused_gradients_match_reference(monkeypatch, kind):
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")  # automatic dispatch gives grads to the reference
     torch.backends.cuda.matmul.allow_tf32 = False
     ws, bs, act = make_head(kind, 256, 512, device="cuda")
     ws = [w.requires_grad_() for w in ws]
     bs = [b.requires_grad_() for b in bs]
     table = make_x(30, 256, device="cuda").requires_grad_()
     idx = torch.arange(20, device="cuda")
+    before = _backend.CALLS[(pe.OP, "cuda")]
     out = encoder_mlp(table, ws, bs, act, torch.float16, indices=idx)
+    assert _backend.CALLS[(pe.OP, "cuda")] == before + 1
     ref = reference.encoder_mlp(table[idx], ws, bs, act, torch.float16)
     dout = torch.randn(out.shape, device="cuda").half()
     got = torch.autograd.grad(out, [table, *ws, *bs], dout)

@@ -20,7 +20,11 @@ Backends (``PTUNE_FAST_BACKEND``, see :mod:`ptune_fast._backend`):
   the Triton attention kernels forced.
 
 Automatic dispatch on CUDA tensors: cuda -> reference (each miss counted in
-``_backend.FALLBACKS``); CPU tensors: reference.
+``_backend.FALLBACKS``); CPU tensors: reference. When a gradient is needed, automatic dispatch
+takes the reference: the fused forward would be followed by the reference recompute in the
+backward, i.e. two forwards instead of one (autograd keeps the reference forward's
+activations). The fused kernel thus serves no-grad calls (evaluation, generation with an
+unfolded encoder) automatically, and everything when forced with ``PTUNE_FAST_BACKEND=cuda``.
 """
 from __future__ import annotations
 
@@ -53,6 +57,10 @@ def _load_ops() -> bool:
         return x.new_empty((n, weights[-1].shape[0]), dtype=out_dtype)
 
     return True
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _gather(x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
@@ -179,6 +187,8 @@ def encoder_mlp(
         _backend.fallback(OP, "triton", "no Triton encoder kernel; the reference serves it")
     elif forced == "cuda" or (forced is None and x.is_cuda):
         why = why_not(x, weights, biases, activation, out_dtype, indices)
+        if not why and not forced and _needs_grad(x, *weights, *biases):
+            why = "gradient needed (fused forward + reference recompute = two forwards)"
         if not why:
             _backend.served(OP, "cuda")
             return _FusedEncoderMLP.apply(x, indices, activation, out_dtype, len(weights), *weights, *biases)
