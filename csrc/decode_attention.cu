@@ -341,7 +341,7 @@ int decode_attention_plan(DecodeParams& p, int num_sms, int requested_splits) {
     splits = min(splits, (n_tiles + 3) / 4);
     splits = min(splits, 128);
   }
-  splits = max(1, min(splits, n_tiles));
+  splits = max(1, min(min(splits, n_tiles), 65535));  // gridDim.y limit
   p.tiles_per_split = (n_tiles + splits - 1) / splits;
   p.num_splits = (n_tiles + p.tiles_per_split - 1) / p.tiles_per_split;  // no empty split
   return p.num_splits;

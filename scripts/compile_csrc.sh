@@ -44,7 +44,10 @@ compile_one() {
   local src="${1%:*}" arch="${1##*:}"
   local name; name="$(basename "$src" .cu)"
   local log="$tmp/$name.sm_$arch.log"
+  # The -D/--expt flags are those torch's CUDAExtension adds (no implicit half/bf16 conversions).
   if "$NVCC" -std=c++17 -O3 -lineinfo -Werror all-warnings -Xcompiler -Wall \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
       -gencode "arch=compute_$arch,code=sm_$arch" -I"$here/csrc" -c "$src" -o "$tmp/$name.sm_$arch.o" >"$log" 2>&1; then
     echo "ok    $name.cu sm_$arch"
   else

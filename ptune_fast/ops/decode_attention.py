@@ -58,7 +58,7 @@ def _load_ops() -> bool:
 
     @torch.library.register_fake("ptune_fast_C::decode_attention")
     def _decode_attention_fake(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, num_splits=0):
-        return q.new_empty(q.shape, memory_format=torch.contiguous_format)
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     return True
 
