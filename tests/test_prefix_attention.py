@@ -226,6 +226,26 @@ def test_reference_dropout_backward_regenerates_the_mask():
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_dropout_under_activation_checkpointing(backend, monkeypatch):
+    """Non-reentrant checkpointing restores torch's RNG before recomputing: same seed, same mask."""
+    if backend != "auto":
+        monkeypatch.setenv(_backend.ENV_VAR, backend)
+    x, dout = make_inputs(H=2, Hkv=1, S=5, T=6, P=3, D=16)
+
+    def f(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, dropout_p=0.3)
+
+    def grads(use_ckpt):
+        leaves = [x[n].clone().requires_grad_() for n in FLOAT_ARGS]
+        torch.manual_seed(9)
+        out = torch.utils.checkpoint.checkpoint(f, *leaves, use_reentrant=False) if use_ckpt else f(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 
 
@@ -257,8 +277,12 @@ def test_torch_compile_fullgraph_matches_eager(backend, compiler, monkeypatch):
     eager = torch.autograd.grad(eager_loss, wrt)
     torch._dynamo.reset()
     compiled = torch.compile(mod, backend=compiler, fullgraph=True)  # fullgraph: a graph break raises
+    served = "reference" if backend == "auto" else backend
+    before = (_backend.CALLS[(pa.OP, served)], _backend.CALLS[(pa.OP + ".backward", served)])
     loss = compiled(*ins)
     grads = torch.autograd.grad(loss, wrt)
+    assert (_backend.CALLS[(pa.OP, served)], _backend.CALLS[(pa.OP + ".backward", served)]) == (
+        before[0] + 1, before[1] + 1)  # the backend is chosen at run time, inside the op
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, eager):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
