@@ -153,3 +153,27 @@ def test_forced_triton_backend_end_to_end(monkeypatch, kind, method):
     if ref_gen is not None:
         with torch.no_grad():
             assert torch.equal(pm.generate(**gen_kw), ref_gen)
+
+
+def test_torch_compile_patched_model_fullgraph():
+    """torch.compile of a patched model: no graph break (the attention call is one custom op),
+    same loss and gradients as eager."""
+    import torch._dynamo as dynamo
+
+    pm = peft_model("llama", "prefix_proj")
+    ptune_fast.patch(pm)
+    hf = pm.get_base_model()
+    ids, mask, labels = batch("llama", 2, 6, "left")
+    ref = _run(pm, ids, mask, labels)
+    dynamo.reset()
+    explained = dynamo.explain(hf)(input_ids=ids, attention_mask=mask, labels=labels)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    compiled = torch.compile(hf, backend="aot_eager", fullgraph=True)
+    pm.zero_grad(set_to_none=True)
+    out = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref[1].item()) <= 1e-5
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            assert_grad_close(p.grad, ref[2][n], n)
+    dynamo.reset()

@@ -17,10 +17,6 @@ from ptune_fast.ops.prefix_attention import prefix_attention
 NAME = "ptune_fast"
 _registered = False
 
-# Mask functions we can represent as "causal or not + 2-D padding": HF's own, by qualified name.
-_CAUSAL = ("causal_mask_function",)
-_BIDIRECTIONAL = ("bidirectional_mask_function",)
-_SLIDING = ("sliding_window_causal_mask_function", "sliding_window_overlay", "and_masks")
 
 
 def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -66,16 +62,18 @@ def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None
 def ptune_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                     attention_mask=None, config=None, **kwargs):
     """``AttentionMaskInterface`` entry: the 2-D bool padding mask ``[B, kv_length]`` or None."""
-    name = getattr(mask_function, "__qualname__", "") or ""
-    base = name.split(".<locals>")[0]
-    if mask_function is not None and base not in _CAUSAL + _BIDIRECTIONAL:
-        if base in _SLIDING and getattr(config, "sliding_window", None):
-            pass  # the attention function checks the window against prefix + context
-        else:
-            raise NotImplementedError(
-                f"ptune_fast attention cannot represent the mask function {name!r} "
-                "(packed sequences, custom or/and masks); only causal/bidirectional masks plus 2-D padding"
-            )
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    plain = mask_function is None or mask_function is causal_mask_function or mask_function is bidirectional_mask_function
+    # Sliding-window closures are allowed: the attention function checks the window against
+    # prefix + context. Anything else (packed sequences, custom or/and masks) cannot be
+    # represented by "causal + 2-D padding". Under torch.compile the check is skipped (the
+    # patch passes an explicit padding mask there, which keeps HF on the plain path).
+    if not plain and not getattr(config, "sliding_window", None) and not torch.compiler.is_compiling():
+        raise NotImplementedError(
+            f"ptune_fast attention cannot represent the mask function {getattr(mask_function, '__qualname__', mask_function)!r} "
+            "(packed sequences, custom or/and masks); only causal/bidirectional masks plus 2-D padding"
+        )
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
