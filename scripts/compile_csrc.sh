@@ -34,31 +34,31 @@ sources=("$here"/csrc/*.cu)
 if [ ${#sources[@]} -eq 0 ]; then echo "compile_csrc: no csrc/*.cu" >&2; exit 2; fi
 
 if [ "$compile_cu" = "1" ]; then
-start=$(date +%s)
-jobs_list=()
-for src in "${sources[@]}"; do
-  for arch in $ARCHS; do jobs_list+=("$src:$arch"); done
-done
+  start=$(date +%s)
+  jobs_list=()
+  for src in "${sources[@]}"; do
+    for arch in $ARCHS; do jobs_list+=("$src:$arch"); done
+  done
 
-compile_one() {
-  local src="${1%:*}" arch="${1##*:}"
-  local name; name="$(basename "$src" .cu)"
-  local log="$tmp/$name.sm_$arch.log"
-  # The -D/--expt flags are those torch's CUDAExtension adds (no implicit half/bf16 conversions).
-  if "$NVCC" -std=c++17 -O3 -lineinfo -Werror all-warnings -Xcompiler -Wall \
-      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-      -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
-      -gencode "arch=compute_$arch,code=sm_$arch" -I"$here/csrc" -c "$src" -o "$tmp/$name.sm_$arch.o" >"$log" 2>&1; then
-    echo "ok    $name.cu sm_$arch"
-  else
-    echo "FAIL  $name.cu sm_$arch"; cat "$log"; return 1
-  fi
-}
-export -f compile_one
-export NVCC here tmp
+  compile_one() {
+    local src="${1%:*}" arch="${1##*:}"
+    local name; name="$(basename "$src" .cu)"
+    local log="$tmp/$name.sm_$arch.log"
+    # The -D/--expt flags are those torch's CUDAExtension adds (no implicit half/bf16 conversions).
+    if "$NVCC" -std=c++17 -O3 -lineinfo -Werror all-warnings -Xcompiler -Wall \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+        -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
+        -gencode "arch=compute_$arch,code=sm_$arch" -I"$here/csrc" -c "$src" -o "$tmp/$name.sm_$arch.o" >"$log" 2>&1; then
+      echo "ok    $name.cu sm_$arch"
+    else
+      echo "FAIL  $name.cu sm_$arch"; cat "$log"; return 1
+    fi
+  }
+  export -f compile_one
+  export NVCC here tmp
 
-printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {}
-echo "compile_csrc: ${#sources[@]} file(s) x archs [$ARCHS] in $(( $(date +%s) - start )) s"
+  printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {}
+  echo "compile_csrc: ${#sources[@]} file(s) x archs [$ARCHS] in $(( $(date +%s) - start )) s"
 fi
 
 if [ "$check_bindings" = "1" ]; then
