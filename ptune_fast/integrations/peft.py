@@ -59,6 +59,7 @@ def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_em
                             task_ids=None, **kwargs):
     """PEFT's prefix-tuning forward without the DynamicCache, the mask prepend and the B-row encoder."""
     patch = getattr(self, _ATTR)
+    patch.check_adapter()
     if task_ids is not None:
         raise ValueError("task_ids: a patched single-adapter model has no task bank (see ptune_fast.TaskBank)")
     common = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -79,6 +80,7 @@ def _patched_forward_shared(self, input_ids=None, attention_mask=None, inputs_em
                             task_ids=None, **kwargs):
     """Prompt/P-tuning with the shared virtual-token pass: outputs cover the S real tokens."""
     patch = getattr(self, _ATTR)
+    patch.check_adapter()
     if task_ids is not None:
         raise ValueError("task_ids: a patched single-adapter model has no task bank (see ptune_fast.TaskBank)")
     if kwargs.get("position_ids") is not None:
@@ -170,6 +172,13 @@ class PeftPatch:
             self._override("get_prompt", _patched_get_prompt_tokens)
         setattr(pm, _ATTR, self)
         return pm
+
+    def check_adapter(self):
+        if self.peft_model.active_adapter != self.adapter:
+            raise ValueError(
+                f"the active PEFT adapter changed from {self.adapter!r} to {self.peft_model.active_adapter!r} "
+                "after ptune_fast.patch(); unpatch() and patch() again, or serve several adapters with ptune_fast.TaskBank"
+            )
 
     @property
     def state(self):
