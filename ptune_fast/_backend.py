@@ -1,10 +1,11 @@
 """Backend selection shared by every op.
 
-Order for CUDA tensors: compiled extension ``ptune_fast._C`` -> Triton -> reference.
-CPU tensors use the reference, unless ``PTUNE_FAST_BACKEND=triton`` forces the Triton
-kernels (they then run under ``TRITON_INTERPRET=1``: that is how CI tests them).
+Order for CUDA tensors: compiled extension ``ptune_fast._C`` -> Triton -> ``sdpa`` (PyTorch's
+fused SDPA, where an op has one). CPU tensors use ``sdpa`` (or the reference for ops without
+one), unless ``PTUNE_FAST_BACKEND=triton`` forces the Triton kernels (they then run under
+``TRITON_INTERPRET=1``: that is how CI tests them). ``reference`` is the oracle, run when forced.
 
-``PTUNE_FAST_BACKEND=reference|triton|cuda`` forces one backend; a forced backend that
+``PTUNE_FAST_BACKEND=reference|sdpa|triton|cuda`` forces one backend; a forced backend that
 cannot serve a call raises :class:`BackendUnavailable` instead of falling back. Every
 automatic fallback is logged at debug level and counted in :data:`FALLBACKS`.
 """
@@ -18,7 +19,7 @@ import os
 
 logger = logging.getLogger("ptune_fast")
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "sdpa", "triton", "cuda")
 ENV_VAR = "PTUNE_FAST_BACKEND"
 
 #: ``(op, from_backend, reason) -> count`` of automatic fallbacks since import.

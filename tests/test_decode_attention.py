@@ -112,12 +112,12 @@ def test_forced_cuda_backend_raises_clearly(monkeypatch):
         prefix_attention(**x)
 
 
-def test_auto_dispatch_on_cpu_uses_reference(monkeypatch):
+def test_auto_dispatch_on_cpu_uses_sdpa(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x = make_inputs()
-    before = _backend.CALLS[(pa.OP, "reference")]
+    before = _backend.CALLS[(pa.OP, "sdpa")]
     out = prefix_attention(**x)
-    assert _backend.CALLS[(pa.OP, "reference")] == before + 1
+    assert _backend.CALLS[(pa.OP, "sdpa")] == before + 1
     torch.testing.assert_close(out, reference.prefix_attention(**x))
 
 

@@ -212,8 +212,9 @@ def test_triton_dropout_matches_explicit_mask(monkeypatch):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_reference_dropout_backward_regenerates_the_mask():
-    """CPU dispatch (reference): the recomputing backward sees the forward's dropout mask."""
+def test_reference_dropout_backward_regenerates_the_mask(monkeypatch):
+    """Forced reference: the recomputing backward sees the forward's dropout mask."""
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
     x, dout = make_inputs(H=2, Hkv=1, S=5, T=6, P=3, D=16, pad="right")
     torch.manual_seed(123)
     got = run(prefix_attention, x, dout, torch.float32, True, "cpu", dropout_p=0.4)
@@ -277,7 +278,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, compiler, monkeypatch):
     eager = torch.autograd.grad(eager_loss, wrt)
     torch._dynamo.reset()
     compiled = torch.compile(mod, backend=compiler, fullgraph=True)  # fullgraph: a graph break raises
-    served = "reference" if backend == "auto" else backend
+    served = "sdpa" if backend == "auto" else backend
     before = (_backend.CALLS[(pa.OP, served)], _backend.CALLS[(pa.OP + ".backward", served)])
     loss = compiled(*ins)
     grads = torch.autograd.grad(loss, wrt)
@@ -302,18 +303,19 @@ def test_op_is_registered_with_fake_impl():
 # ----------------------------------------------------------------------------- dispatch and errors
 
 
-def test_cpu_auto_dispatch_uses_reference(monkeypatch):
+def test_cpu_auto_dispatch_uses_sdpa(monkeypatch):
+    """CPU tensors: PyTorch's fused SDPA with native autograd (no custom-op backward)."""
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x, dout = make_inputs(P=3, D=16)
     before = dict(_backend.CALLS)
     got = run(prefix_attention, x, dout, torch.float32, True, "cpu")
     after = _backend.CALLS
-    assert after[(pa.OP, "reference")] == before.get((pa.OP, "reference"), 0) + 1
-    assert after[(pa.OP + ".backward", "reference")] == before.get((pa.OP + ".backward", "reference"), 0) + 1
+    assert after[(pa.OP, "sdpa")] == before.get((pa.OP, "sdpa"), 0) + 1
+    assert after[(pa.OP, "reference")] == before.get((pa.OP, "reference"), 0)
     assert after[(pa.OP, "triton")] == before.get((pa.OP, "triton"), 0)
     ref = run(reference.prefix_attention, x, dout, torch.float32, True, "cpu")
     for n in ref:
-        torch.testing.assert_close(got[n], ref[n])
+        torch.testing.assert_close(got[n], ref[n], atol=2e-6, rtol=1e-5)  # fp32 SDPA vs fp32 reference: summation order (measured max 3.6e-7)
 
 
 @pytest.mark.parametrize("forced, dtype, D, match", [

@@ -7,7 +7,10 @@ Backends (see :mod:`ptune_fast._backend`):
 * ``cuda``      -- ``ptune_fast._C`` decode kernel (1..8 query tokens, no autograd, fp16/bf16);
   skipped whenever an input requires grad;
 * ``triton``    -- fused flash-attention forward/backward (``_prefix_attention_triton``);
-* ``reference`` -- :func:`ptune_fast.reference.prefix_attention` (backward by recomputation).
+* ``sdpa``      -- PyTorch's fused SDPA over ``[prefix ; k/v]`` concatenated inside the call
+  (``_prefix_attention_sdpa``): the CPU path, and the CUDA fallback when Triton cannot serve;
+  in eager mode it runs outside the registered op, with PyTorch's native autograd;
+* ``reference`` -- :func:`ptune_fast.reference.prefix_attention`, the oracle (run when forced).
 
 Layouts (the reference's)::
 
@@ -123,6 +126,10 @@ def prefix_attention(
     check_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, dropout_p)
     if prefix_k is not None and prefix_k.shape[-2] == 0:
         prefix_k = prefix_v = task_ids = None
+    if not torch.compiler.is_compiling() and not q.is_cuda and _backend.forced_backend() in (None, "sdpa"):
+        # eager CPU: PyTorch's fused SDPA with its native autograd (no recompute in backward)
+        _backend.served(OP, "sdpa")
+        return _sdpa_run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, bool(causal), scale, dropout_p)
     need_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     out, _lse, _rng = _prefix_attention_op(
         q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, bool(causal),
@@ -137,7 +144,7 @@ def select_backend(args, need_grad: bool, phase: str = "forward") -> str:
     Raises :class:`~ptune_fast._backend.BackendUnavailable` when a forced backend cannot serve."""
     q = args[0]
     forced = _backend.forced_backend()
-    order = [forced] if forced else (["cuda", "triton", "reference"] if q.is_cuda else ["reference"])
+    order = [forced] if forced else (["cuda", "triton", "sdpa"] if q.is_cuda else ["sdpa"])
     op = OP if phase == "forward" else f"{OP}.{phase}"
     for backend in order:
         if backend == "cuda" and (need_grad or phase != "forward"):
@@ -151,7 +158,7 @@ def select_backend(args, need_grad: bool, phase: str = "forward") -> str:
             continue
         _backend.served(op, backend)
         return backend
-    raise AssertionError("the reference backend serves every call")  # pragma: no cover
+    raise AssertionError("the sdpa and reference backends serve every call")  # pragma: no cover
 
 
 # ------------------------------------------------------------------- torch.library registration
@@ -199,6 +206,13 @@ def _prefix_attention_op(
         return tri.forward(*args, need_lse=need_grad, rng=_new_rng(q, dropout_p))
     if backend == "cuda":
         return _cuda_run(*args).contiguous(), _empty(q, torch.float32), _new_rng(q, 0.0)
+    if backend == "sdpa":
+        rng = _new_rng(q, dropout_p)
+        with _seeded(rng, q.device):
+            out = _sdpa_run(*args)
+        B, H, S, _ = q.shape  # no LSE from SDPA: the backward recomputes (placeholder keeps the shape)
+        lse = q.new_zeros((B, H, S), dtype=torch.float32) if need_grad else _empty(q, torch.float32)
+        return out.contiguous(), lse, rng
     rng = _new_rng(q, dropout_p)
     with _seeded(rng, q.device):
         out, lse = reference.prefix_attention(*args, return_lse=True)
@@ -230,9 +244,11 @@ def _prefix_attention_backward_op(
         # Recompute + vjp. torch.func works here although the op runs below the Autograd key.
         has_prefix = prefix_k is not None
 
+        fwd = _sdpa_run if backend == "sdpa" else reference.prefix_attention
+
         def f(*xs):
             pk, pv = (xs[3], xs[4]) if has_prefix else (None, None)
-            return reference.prefix_attention(*xs[:3], pk, pv, task_ids, key_padding_mask, causal, scale, dropout_p)
+            return fwd(*xs[:3], pk, pv, task_ids, key_padding_mask, causal, scale, dropout_p)
 
         wrt = (q, k, v, prefix_k, prefix_v) if has_prefix else (q, k, v)
         with _seeded(rng, q.device):
@@ -287,6 +303,16 @@ def _reference_run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, caus
     )
 
 
+def _sdpa_why_not(*args) -> str:
+    return ""
+
+
+def _sdpa_run(*args):
+    from ptune_fast.ops import _prefix_attention_sdpa as sd
+
+    return sd.run(*args)
+
+
 def _triton_why_not(*args) -> str:
     ok, why = _backend.triton_importable()
     if not ok:
@@ -319,6 +345,7 @@ def _cuda_run(*args):
 
 _BACKENDS = {
     "reference": (_reference_why_not, _reference_run),
+    "sdpa": (_sdpa_why_not, _sdpa_run),
     "triton": (_triton_why_not, _triton_run),
     "cuda": (_cuda_why_not, _cuda_run),
 }
