@@ -158,7 +158,7 @@ def markdown(report):
             "per-layer `torch.cat([prefix ; K/V])` copies in the `DynamicCache` (B*X again): 2*B*X. PEFT P-tuning: the "
             "virtual tokens' rows of every row's per-layer K/V, counted once: B*X (a lower bound). ptune_fast: one "
             "shared keys/values [L, Hkv, P, D]: X -- checked against the patched model's state tensors after a step "
-            "(`state_bytes_measured` in the JSON). On CPU the reference attention still broadcasts the prefix per row "
+            "(`state_bytes_measured` in the JSON). On CPU the sdpa attention backend still broadcasts the prefix per row "
             "transiently inside the op; that is in the peak column, not here.",
             "* *peak MiB*: measured: peak tensor memory allocated during one step above what was live before it "
             "(weights, optimizer state, batch excluded), "
@@ -233,10 +233,10 @@ def observations(rows, env, load=None):
             "`prefix_attention`.")
     if env["device"] == "cpu":
         notes.append(
-            "On CPU ptune_fast's attention runs the pure-PyTorch reference backend (matmul + softmax, fp32, the "
-            "shared prefix broadcast per row inside the op), while PEFT's Llama uses torch SDPA: the step ratio "
-            "here mixes the encoder/prefix savings with that attention difference. The fused Triton/CUDA "
-            "kernels only run on GPU.")
+            "On CPU ptune_fast's attention runs its `sdpa` backend (torch's fused SDPA over the prefix broadcast "
+            "and concatenated inside the call, freed with the call's backward), like PEFT's Llama: the step ratio "
+            "here shows the encoder, prefix-copy and shared-pass savings, not a kernel difference. The fused "
+            "Triton/CUDA kernels (no per-row prefix copy at all) only run on GPU.")
     return notes
 
 
