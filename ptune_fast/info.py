@@ -106,9 +106,9 @@ def collect() -> dict:
     if forced:
         order = [forced]
     elif gpu["available"]:
-        order = [b for b, ok in (("cuda", ext["usable"]), ("triton", tri["importable"])) if ok] + ["reference"]
+        order = [b for b, ok in (("cuda", ext["usable"]), ("triton", tri["importable"])) if ok] + ["sdpa"]
     else:
-        order = ["reference"]
+        order = ["sdpa"]
     try:
         from ptune_fast.integrations.peft import _METHODS
 
@@ -134,12 +134,13 @@ def collect() -> dict:
         "backends": {
             "cuda_extension": ext,
             "triton": tri,
-            "reference": {"available": True, "reason": "pure PyTorch, every device"},
+            "sdpa": {"available": True, "reason": "PyTorch's fused SDPA (prefix concatenated inside the call), every device"},
+            "reference": {"available": True, "reason": "pure PyTorch oracle, every device (run when forced)"},
         },
         "forced_backend": forced,
         "forced_backend_error": forced_error,
         "backend_env_var": _backend.ENV_VAR,
-        "auto_order_cuda_tensors": order if gpu["available"] or forced else ["cuda", "triton", "reference"],
+        "auto_order_cuda_tensors": order if gpu["available"] or forced else ["cuda", "triton", "sdpa"],
         "effective_order_here": order,
         "supported_model_types": list(ptune_fast.SUPPORTED_MODEL_TYPES),
         "peft_methods": methods,
@@ -180,7 +181,8 @@ def format_text(d: dict) -> str:
     if not tri["importable"]:
         lines.append(f"    why not: {tri['reason']}")
     lines.append(f"    runs on: {tri['usable_on']}")
-    lines.append("  reference (pure PyTorch): yes, always")
+    lines.append("  sdpa (PyTorch fused SDPA; the CPU path): yes, always")
+    lines.append("  reference (pure PyTorch oracle, when forced): yes, always")
     if d["forced_backend_error"]:
         lines.append(f"  forced backend: INVALID {d['backend_env_var']}: {d['forced_backend_error']}")
     elif d["forced_backend"]:

@@ -84,7 +84,7 @@ def test_info_json_matches_the_environment():
     assert isinstance(ext["built"], bool) and isinstance(ext["usable"], bool)
     assert ext["usable"] or ext["reason"]  # never "unusable" without a reason
     assert tri["importable"] == (importlib.util.find_spec("triton") is not None)
-    assert d["effective_order_here"][-1] == "reference"
+    assert d["effective_order_here"][-1] == "sdpa"
     assert set(d["peft_methods"]) == {"PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING"}
 
 
