@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptune_fast.adapter import PromptAdapter
 from ptune_fast.integrations.core import attach_prefix, backbone_of
+from ptune_fast.integrations.shared_pass import causal_lm_loss
 from ptune_fast.integrations.state import PrefixState
 
 Tasks = Union[None, str, Sequence[str], torch.Tensor]
@@ -139,11 +139,12 @@ class TaskBank(nn.Module):
         prompt_rows = self._prompt_rows()
         causal_lm = hasattr(self.model, "get_output_embeddings") and self.model.get_output_embeddings() is not None
         own_loss = labels is not None and causal_lm and prompt_rows is not None
+        return_dict = kwargs.pop("return_dict", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          labels=None if own_loss else labels, return_dict=True, **kwargs)
         if own_loss:
             out.loss = self._causal_lm_loss(out.logits, labels, prompt_rows)
-        return out
+        return out if return_dict is not False else out.to_tuple()
 
     def _prompt_rows(self):
         methods = [a.method != "prefix_tuning" for a in self.tasks.values()]
@@ -153,18 +154,13 @@ class TaskBank(nn.Module):
         """PEFT's loss for prompt methods predicts each row's first token from the last virtual
         token; prefix-tuning rows have no such term."""
         last = self.state.extra["last_hidden_per_task"]
-        head = self.model.get_output_embeddings()
-        B, S, V = logits.shape
+        hidden_size = self.model.get_output_embeddings().weight.shape[1]
+        zero = logits.new_zeros(hidden_size)
+        hidden = torch.stack([zero if h is None else h.to(zero.dtype) for h in last])  # [N, hidden]
+        B = logits.shape[0]
         tids = self.state.task_ids
         tids = torch.zeros(B, dtype=torch.long, device=logits.device) if tids is None else tids.long()
-        zero = torch.zeros(head.weight.shape[1], dtype=head.weight.dtype, device=logits.device)
-        hidden = torch.stack([zero if h is None else h.to(zero.dtype) for h in last])  # [N, hidden]
-        first = head(hidden)[tids]  # [B, V]
-        has_first = prompt_tasks.to(logits.device)[tids]
-        first_labels = labels[:, :1].masked_fill(~has_first[:, None], -100)
-        shifted = torch.cat([first[:, None].to(logits.dtype), logits[:, :-1]], dim=1)
-        lab = torch.cat([first_labels, labels[:, 1:]], dim=1)
-        return F.cross_entropy(shifted.float().reshape(-1, V), lab.reshape(-1), ignore_index=-100)
+        return causal_lm_loss(self.model, logits, labels, hidden[tids], prompt_tasks.to(logits.device)[tids])
 
     @torch.no_grad()
     def generate(self, *args, tasks: Tasks = None, **kwargs):

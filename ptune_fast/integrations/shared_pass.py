@@ -59,11 +59,20 @@ def make_provider(hf_model, backbone, encoder, state, dtype_of):
     return provider
 
 
-def causal_lm_loss(hf_model, logits: torch.Tensor, labels: torch.Tensor, state) -> torch.Tensor:
+def causal_lm_loss(hf_model, logits: torch.Tensor, labels: torch.Tensor, first_hidden: torch.Tensor,
+                   has_first=None) -> torch.Tensor:
     """PEFT's loss for ``[virtual ; real]`` sequences with labels ``-100`` on the virtual part,
-    from the real tokens' ``logits [B, S, V]`` and the shared last virtual hidden state."""
+    from the real tokens' ``logits [B, S, V]`` and the last virtual token's final hidden state
+    ``first_hidden`` (``[hidden]`` shared, or ``[B, hidden]`` per row), which predicts each row's
+    first real token. ``has_first [B]`` (bool) drops that term for rows without virtual tokens
+    (prefix-tuning rows of a mixed task bank)."""
     head = hf_model.get_output_embeddings()
-    first = head(state.extra["last_hidden"].to(head.weight.dtype))  # [V], predicts each row's token 0
-    B, S, Vv = logits.shape
-    shifted = torch.cat([first.view(1, 1, Vv).expand(B, 1, Vv).to(logits.dtype), logits[:, :-1]], dim=1)
-    return F.cross_entropy(shifted.float().reshape(-1, Vv), labels.reshape(-1).to(logits.device), ignore_index=-100)
+    B, S, V = logits.shape
+    first = head(first_hidden.to(head.weight.dtype))
+    first = first.view(1, V).expand(B, V) if first.dim() == 1 else first  # [B, V]
+    first_labels = labels[:, :1].to(logits.device)
+    if has_first is not None:
+        first_labels = first_labels.masked_fill(~has_first.to(logits.device)[:, None], -100)
+    shifted = torch.cat([first[:, None].to(logits.dtype), logits[:, :-1]], dim=1)
+    lab = torch.cat([first_labels, labels[:, 1:].to(logits.device)], dim=1)
+    return F.cross_entropy(shifted.float().reshape(-1, V), lab.reshape(-1), ignore_index=-100)
