@@ -103,12 +103,21 @@ def collect() -> dict:
         forced, forced_error = None, str(exc)
     ext = _cuda_extension_info()
     tri = _triton_info(gpu["available"])
+    # the always-available last resort: PyTorch's fused SDPA where the package has that backend
+    last = "sdpa" if "sdpa" in _backend.BACKENDS else "reference"
+    cuda_order = ["cuda", "triton", last]
     if forced:
         order = [forced]
     elif gpu["available"]:
-        order = [b for b, ok in (("cuda", ext["usable"]), ("triton", tri["importable"])) if ok] + ["sdpa"]
+        order = [b for b, ok in (("cuda", ext["usable"]), ("triton", tri["importable"])) if ok] + [last]
     else:
-        order = ["sdpa"]
+        order = [last]
+    backends = {"cuda_extension": ext, "triton": tri}
+    if "sdpa" in _backend.BACKENDS:
+        backends["sdpa"] = {"available": True, "reason": "PyTorch's fused SDPA over [prefix ; K/V] concatenated "
+                            "inside the call: the CPU path and the CUDA fallback"}
+    backends["reference"] = {"available": True, "reason": "pure-PyTorch oracle of the tests"
+                             + (", run when forced" if last == "sdpa" else ", every device")}
     try:
         from ptune_fast.integrations.peft import _METHODS
 
@@ -131,16 +140,12 @@ def collect() -> dict:
         "ptune_fast_path": os.path.dirname(os.path.abspath(ptune_fast.__file__)),
         "torch_cuda": torch.version.cuda,
         "gpu": gpu,
-        "backends": {
-            "cuda_extension": ext,
-            "triton": tri,
-            "sdpa": {"available": True, "reason": "PyTorch's fused SDPA (prefix concatenated inside the call), every device"},
-            "reference": {"available": True, "reason": "pure PyTorch oracle, every device (run when forced)"},
-        },
+        "backends": backends,
+        "backend_names": list(_backend.BACKENDS),
         "forced_backend": forced,
         "forced_backend_error": forced_error,
         "backend_env_var": _backend.ENV_VAR,
-        "auto_order_cuda_tensors": order if gpu["available"] or forced else ["cuda", "triton", "sdpa"],
+        "auto_order_cuda_tensors": cuda_order,
         "effective_order_here": order,
         "supported_model_types": list(ptune_fast.SUPPORTED_MODEL_TYPES),
         "peft_methods": methods,
@@ -181,15 +186,17 @@ def format_text(d: dict) -> str:
     if not tri["importable"]:
         lines.append(f"    why not: {tri['reason']}")
     lines.append(f"    runs on: {tri['usable_on']}")
-    lines.append("  sdpa (PyTorch fused SDPA; the CPU path): yes, always")
-    lines.append("  reference (pure PyTorch oracle, when forced): yes, always")
+    if "sdpa" in b:
+        lines.append(f"  sdpa: yes, always ({b['sdpa']['reason']})")
+    lines.append(f"  reference: yes, always ({b['reference']['reason']})")
     if d["forced_backend_error"]:
         lines.append(f"  forced backend: INVALID {d['backend_env_var']}: {d['forced_backend_error']}")
     elif d["forced_backend"]:
         lines.append(f"  forced backend: {d['forced_backend']} ({d['backend_env_var']}; no fallback, errors instead)")
     else:
         lines.append(f"  forced backend: none ({d['backend_env_var']} unset or 'auto')")
-    lines.append(f"  dispatch order for CUDA tensors: {' -> '.join(d['auto_order_cuda_tensors'])}")
+    lines.append(f"  dispatch order for CUDA tensors: {' -> '.join(d['auto_order_cuda_tensors'])} "
+                 "(each falls back to the next when it cannot serve a call)")
     lines.append(f"  dispatch order on this machine:  {' -> '.join(d['effective_order_here'])}"
                  + ("" if g["available"] or d["forced_backend"] else " (CPU tensors)"))
     lines.append("")
