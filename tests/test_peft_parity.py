@@ -66,6 +66,8 @@ def test_generate_greedy_and_beam(kind, method):
     with torch.no_grad():
         ref_greedy = pm.generate(**kw, do_sample=False)
         ref_beam = pm.generate(**kw, do_sample=False, num_beams=3)
+        torch.manual_seed(3)
+        ref_sampled = pm.generate(**kw, do_sample=True, top_k=5)
         ptune_fast.patch(pm)
         try:
             got_greedy = pm.generate(**kw, do_sample=False)
@@ -76,7 +78,7 @@ def test_generate_greedy_and_beam(kind, method):
             ptune_fast.unpatch(pm)
     assert torch.equal(got_greedy, ref_greedy)
     assert torch.equal(got_beam, ref_beam)
-    assert sampled.shape == ref_greedy.shape
+    assert torch.equal(sampled, ref_sampled)  # same logits + same RNG stream -> same samples
     assert len(set(ref_greedy[:, -6:].flatten().tolist())) > 1, "degenerate model: test would not discriminate"
 
 
