@@ -62,6 +62,8 @@ def encode(module: nn.Module, indices: Optional[torch.Tensor] = None) -> torch.T
         return encoder_mlp(x, w, b, _mlp_activation(transform))
     lstm = getattr(module, "lstm_head", None)
     mlp = getattr(module, "mlp_head", None)
+    if isinstance(mlp, nn.Identity):  # a folded PEFT encoder: the embedding table is the output
+        mlp = None
     if lstm is not None and mlp is not None:
         h = lstm(x.unsqueeze(0))[0].squeeze(0)
         w, b = linear_stack(mlp)

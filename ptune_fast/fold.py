@@ -32,6 +32,10 @@ def _fold_peft_encoder(enc: nn.Module) -> list:
     enc.embedding = nn.Embedding.from_pretrained(out, freeze=True)
     if hasattr(enc, "prefix_projection"):
         enc.prefix_projection = False
+    if "mlp_head" in removed:
+        # keep PEFT's own PromptEncoder.forward working (save_pretrained calls it): an identity head
+        enc.mlp_head = nn.Identity()
+        enc.encoder_type = type(enc.encoder_type)("MLP") if not isinstance(enc.encoder_type, str) else "MLP"
     return removed
 
 
@@ -47,6 +51,7 @@ def fold(model, deep: Optional[bool] = None) -> dict:
     patch = model._ptune_fast_patch
     enc = model.prompt_encoder[patch.adapter]
     report = {"method": patch.method, "removed": _fold_peft_encoder(enc), "static": {}}
+    model.peft_config[patch.adapter].inference_mode = True  # PEFT saves the folded table as it is
     for p in enc.parameters():
         p.requires_grad_(False)
     report["static"]["tokens"] = tuple(enc.embedding.weight.shape)

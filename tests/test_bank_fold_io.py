@@ -127,6 +127,28 @@ def test_fold_patched_peft(method):
     assert not any(p.requires_grad for p in pm.prompt_encoder.parameters())
 
 
+@pytest.mark.parametrize("method", ["prefix_proj", "ptuning_lstm", "ptuning_mlp"])
+def test_patched_and_folded_peft_models_save_and_reload_in_peft(tmp_path, method):
+    """PEFT's own save_pretrained works on patched (and folded) models; the directory reloads
+    in PEFT, and patching the reloaded model gives the same logits."""
+    import peft
+
+    pm = peft_model("llama", method)
+    ids, mask, _ = batch("llama", 2, 6, "left")
+    ptune_fast.patch(pm)
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits[:, -6:]
+    pm.save_pretrained(str(tmp_path / "trained"))
+    ptune_fast.fold(pm)
+    pm.save_pretrained(str(tmp_path / "folded"))
+    for sub in ("trained", "folded"):
+        again = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / sub))
+        ptune_fast.patch(again)
+        with torch.no_grad():
+            got = again(input_ids=ids, attention_mask=mask).logits[:, -6:]
+        assert ((got - ref) * mask[:, :, None]).abs().max().item() <= 1e-5, sub
+
+
 def test_fold_refuses_bidirectional():
     pm = peft_model("bert", "ptuning_mlp")
     ptune_fast.patch(pm)
