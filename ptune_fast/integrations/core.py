@@ -4,12 +4,12 @@
 
 * switches the model to the ``"ptune_fast"`` attention and mask functions;
 * hangs ``state`` on every attention module (looked up by ``module.layer_idx``);
-* installs a forward pre-hook on the backbone (``hf_model.base_model``) that refreshes the
+* installs a forward pre-hook on the backbone (``hf_model.base_model``; OPT: its decoder) that refreshes the
   prefix once per forward and gives the real tokens PEFT's positions: with PEFT the prefix
   sits in the cache, so the real tokens of a row start at position ``P`` (plus the real
   cache length). Explicit ``position_ids`` are shifted by ``P``, as PEFT does.
 
-``detach_prefix`` undoes all of it.
+``Attachment.remove()`` undoes all of it (``unpatch`` and ``TaskBank.detach`` call it).
 """
 from __future__ import annotations
 
