@@ -77,10 +77,11 @@ class PromptAdapter(nn.Module):
         return cls("p_tuning", s, enc)
 
     @classmethod
-    def prompt_tuning(cls, hf_model, num_virtual_tokens: int, init: str = "random", init_token_ids=None):
+    def prompt_tuning(cls, hf_model, num_virtual_tokens: int, init: str = "random", init_token_ids=None,
+                      init_text=None, tokenizer=None):
         s = model_spec(hf_model)
         enc = PromptEmbedding(num_virtual_tokens, s["hidden_size"], init, hf_model.get_input_embeddings(),
-                              init_token_ids)
+                              init_token_ids, init_text, tokenizer)
         return cls("prompt_tuning", s, enc)
 
     # ------------------------------------------------------------------ state

@@ -222,6 +222,9 @@ def p_tuning(hf_model, num_virtual_tokens: int, encoder_type: str = "MLP",
                                                     encoder_hidden_size, encoder_num_layers))
 
 
-def prompt_tuning(hf_model, num_virtual_tokens: int, init: str = "random", init_token_ids=None) -> TaskBank:
-    """Prompt tuning on a causal decoder (init: random, sample_vocab, or text via init_token_ids)."""
-    return _single(hf_model, PromptAdapter.prompt_tuning(hf_model, num_virtual_tokens, init, init_token_ids))
+def prompt_tuning(hf_model, num_virtual_tokens: int, init: str = "random", init_token_ids=None,
+                  init_text=None, tokenizer=None) -> TaskBank:
+    """Prompt tuning on a causal decoder (init: random, sample_vocab, or text via init_token_ids or
+    init_text + tokenizer)."""
+    return _single(hf_model, PromptAdapter.prompt_tuning(hf_model, num_virtual_tokens, init, init_token_ids,
+                                                         init_text, tokenizer))

@@ -164,7 +164,8 @@ class PromptEmbedding(nn.Module):
 
     ``init``: ``"random"`` (N(0, 1), as ``nn.Embedding``), ``"sample_vocab"`` (rows of
     ``word_embeddings`` at random token ids) or ``"text"`` (the embeddings of
-    ``init_token_ids``, repeated/truncated to n, as PEFT does with its init text).
+    ``init_token_ids`` -- or of ``tokenizer(init_text)`` -- repeated/truncated to n, as PEFT does
+    with its init text).
     """
 
     def __init__(
@@ -174,8 +175,14 @@ class PromptEmbedding(nn.Module):
         init: str = "random",
         word_embeddings: Optional[nn.Embedding] = None,
         init_token_ids: Optional[Sequence[int]] = None,
+        init_text: Optional[str] = None,
+        tokenizer=None,
     ):
         super().__init__()
+        if init_text is not None:
+            if tokenizer is None:
+                raise ValueError("init_text needs a tokenizer (init_token_ids = tokenizer(init_text)['input_ids'])")
+            init_token_ids = tokenizer(init_text)["input_ids"]
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
         self.config = dict(kind="PromptEmbedding", num_virtual_tokens=num_virtual_tokens, token_dim=token_dim)
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)

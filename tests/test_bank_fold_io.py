@@ -221,3 +221,27 @@ def test_bad_files_leave_bank_unchanged(tmp_path):
         TaskBank.from_pretrained(other, {"pre": str(tmp_path / "pre")})
     assert bank.task_names == ["pre"]
     assert torch.equal(before, bank(input_ids=ids, attention_mask=mask, tasks=["pre"]).logits)
+
+
+def test_prompt_embedding_inits():
+    from ptune_fast.encoders import PromptEmbedding
+
+    hf = tiny_model("llama")
+    wte = hf.get_input_embeddings()
+    text = PromptEmbedding(7, 64, "text", wte, init_token_ids=[5, 9, 11])
+    assert torch.equal(text.embedding.weight, wte.weight[[5, 9, 11, 5, 9, 11, 5]].float())
+
+    class Tok:
+        def __call__(self, s):
+            return {"input_ids": [len(w) for w in s.split()]}
+
+    from_text = PromptEmbedding(4, 64, "text", wte, init_text="ab abc a", tokenizer=Tok())
+    assert torch.equal(from_text.embedding.weight, wte.weight[[2, 3, 1, 2]].float())
+    torch.manual_seed(0)
+    sampled = PromptEmbedding(6, 64, "sample_vocab", wte)
+    rows = (sampled.embedding.weight[:, None, :] == wte.weight[None].float()).all(-1)
+    assert rows.any(-1).all()  # every virtual token starts as some vocabulary row
+    with pytest.raises(ValueError, match="word_embeddings"):
+        PromptEmbedding(4, 64, "text", init_token_ids=[1])
+    with pytest.raises(ValueError, match="init must be"):
+        PromptEmbedding(4, 64, "zeros")
