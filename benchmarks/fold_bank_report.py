@@ -62,6 +62,7 @@ import time
 
 import torch
 
+from benchmarks.common import cpu_model
 from benchmarks.fold_bank_render import DIAG, FAST, METHOD_LABEL, ONE_BATCH, PEFT, notes, render, targets  # noqa: F401
 from benchmarks.fold_bank_sdpa import sdpa_attention, sdpa_prefix_attention, with_sdpa  # noqa: F401
 
@@ -446,17 +447,6 @@ def measure_bank(preset, dev, dtype, warmup, repeat, diag):
 
 
 # ------------------------------------------------------------------------------ environment
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit():
