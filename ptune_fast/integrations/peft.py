@@ -15,7 +15,6 @@ import inspect
 import types
 import warnings
 
-import torch
 
 from ptune_fast import reference
 from ptune_fast.encoders import encode
