@@ -455,3 +455,18 @@ def test_gpu_auto_dispatch_uses_triton_for_training(monkeypatch):
     before = _backend.CALLS[(pa.OP, "triton")]
     run(prefix_attention, x, dout, torch.bfloat16, True, "cuda")
     assert _backend.CALLS[(pa.OP, "triton")] == before + 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_recomputing_backward_inside_saved_tensor_hooks(backend, monkeypatch):
+    """The registered op's recomputing backward (torch.func) runs inside saved-tensor hooks
+    (``save_on_cpu`` around forward *and* backward) and leaves the user's hooks in place."""
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    x, dout = make_inputs(P=3, D=16, pad="left")
+    want = run(prefix_attention, x, dout, torch.float32, True, "cpu")
+    with torch.autograd.graph.save_on_cpu():
+        got = run(prefix_attention, x, dout, torch.float32, True, "cpu")
+        assert torch._C._autograd._top_saved_tensors_default_hooks(True) is not None  # restored
+    assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6)

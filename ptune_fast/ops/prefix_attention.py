@@ -185,6 +185,27 @@ def _seeded(rng: Tensor, device: torch.device):
         yield
 
 
+@contextlib.contextmanager
+def _without_saved_tensor_hooks():
+    """torch.func refuses to run under saved-tensor hooks (e.g. ``save_on_cpu`` around
+    ``backward()``). The recompute's saved tensors are transient and never reach the user's
+    hooks anyway, so the hooks are set aside for its duration and restored after."""
+    ag = torch._C._autograd
+    if not all(hasattr(ag, n) for n in ("_top_saved_tensors_default_hooks", "_pop_saved_tensors_default_hooks",
+                                        "_push_saved_tensors_default_hooks")):
+        yield
+        return
+    stack = []
+    while (top := ag._top_saved_tensors_default_hooks(True)) is not None:
+        stack.append(top)
+        ag._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(stack):
+            ag._push_saved_tensors_default_hooks(pack, unpack)
+
+
 def _new_rng(q, dropout_p):
     if dropout_p <= 0.0:
         return _empty(q, torch.int64)
@@ -251,9 +272,9 @@ def _prefix_attention_backward_op(
             return fwd(*xs[:3], pk, pv, task_ids, key_padding_mask, causal, scale, dropout_p)
 
         wrt = (q, k, v, prefix_k, prefix_v) if has_prefix else (q, k, v)
-        with _seeded(rng, q.device):
+        with _seeded(rng, q.device), _without_saved_tensor_hooks():
             _, vjp = torch.func.vjp(f, *wrt)
-        grads = list(vjp(dout.to(q.dtype))) + ([] if has_prefix else [None, None])
+            grads = list(vjp(dout.to(q.dtype))) + ([] if has_prefix else [None, None])
     return tuple(g.contiguous() if g is not None else _empty(q) for g in grads)
 
 
