@@ -64,7 +64,7 @@ import torch
 from benchmarks import common
 from benchmarks.e2e_profile import BUCKET_LABEL, BUCKETS, ENC_LABEL, breakdowns, quiet_stderr  # noqa: F401
 from benchmarks.e2e_report import FAST, FAST_GC, PEFT, SHORT, notes, plots, render, rerender  # noqa: F401
-from benchmarks.fold_bank_report import env_info, interleaved, stats, sync
+from benchmarks.fold_bank_report import TrainCase, env_info, interleaved, stats, sync
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SEED = 0
@@ -170,36 +170,19 @@ def make_ids(B, S, vocab, dev, seed=SEED):
     return torch.randint(1, vocab, (B, S), generator=g).to(dev)
 
 
-class Trainer:
-    """One model + AdamW + a batch; ``step()`` = zero_grad, forward with labels, backward, AdamW step."""
+class Trainer(TrainCase):
+    """``TrainCase`` on a random batch of ``B x S`` tokens that ``set_batch`` can resize
+    (the largest-batch search); ``step()`` = zero_grad, forward with labels, backward, AdamW step."""
 
     def __init__(self, pm, B, S, dev, lr=1e-3):
-        self.pm, self.dev = pm.train(), dev
-        self.params = [p for p in pm.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr)
-        self.set_batch(B, S)
+        self.dev = dev
+        ids = make_ids(B, S, pm.get_base_model().config.vocab_size, dev)
+        super().__init__(pm, ids, torch.ones_like(ids), lr=lr)
 
     def set_batch(self, B, S):
         self.ids = make_ids(B, S, self.pm.get_base_model().config.vocab_size, self.dev)
         self.mask = torch.ones_like(self.ids)
-
-    def forward(self):
-        return self.pm(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
-
-    def step(self):
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.forward().loss
-        loss.backward()
-        self.opt.step()
-        return loss
-
-    def loss_and_grads(self):
-        self.opt.zero_grad(set_to_none=True)
-        out = self.forward()
-        out.loss.backward()
-        grads = [p.grad.detach().float().clone() for p in self.params]
-        self.opt.zero_grad(set_to_none=True)
-        return out, grads
+        self.labels = self.ids
 
 
 def _max_abs(x):
