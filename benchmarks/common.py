@@ -26,6 +26,7 @@ Memory, what each number means
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -404,3 +405,23 @@ def model_info() -> Dict[str, object]:
 
 def command_line() -> str:
     return " ".join([os.path.basename(sys.executable)] + sys.argv)
+
+
+def loadavg() -> Optional[float]:
+    """1-minute load average (reports record it: the CPU is shared), or None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def write_report(report: dict, md: str, out_dir: str, stem_name: str) -> str:
+    """Write ``<out_dir>/<stem_name>.md`` and ``.json``; returns the path stem."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, stem_name)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    return stem

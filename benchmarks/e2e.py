@@ -415,13 +415,6 @@ def _dirty():
     return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
 
 
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -459,7 +452,7 @@ def main(argv=None):
     reps.update({k: v for k, v in (("warmup", args.warmup), ("repeat", args.repeat),
                                    ("gen_repeat", args.gen_repeat)) if v is not None})
     sections = set(args.only)
-    t0, load0, env = time.perf_counter(), _loadavg(), env_info(dev)
+    t0, load0, env = time.perf_counter(), common.loadavg(), env_info(dev)
     env["dirty_files_under_ptune_fast"] = _dirty()
     tag = device_tag(dev)
 
@@ -488,7 +481,7 @@ def main(argv=None):
                        "B=16) so that the whole run takes minutes." if preset == "tiny" else
                        "The issue's shapes." if preset == "1b" else "Smoke-test shapes: numbers meaningless."),
         "mem_cap_gib": args.mem_cap_gib, "max_batch_limit": args.max_batch_limit,
-        "loadavg_before": load0, "loadavg_after": _loadavg(), "wall_s": time.perf_counter() - t0, "rows": rows,
+        "loadavg_before": load0, "loadavg_after": common.loadavg(), "wall_s": time.perf_counter() - t0, "rows": rows,
         "backend_calls": {f"{op} -> {be}": n for (op, be), n in sorted(_backend.CALLS.items())},
         "fallbacks": {" / ".join(map(str, k)): n for k, n in _backend.FALLBACKS.items()},
     }

@@ -62,7 +62,7 @@ import time
 
 import torch
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, loadavg, write_report
 from benchmarks.fold_bank_render import DIAG, FAST, METHOD_LABEL, ONE_BATCH, PEFT, notes, render, targets  # noqa: F401
 from benchmarks.fold_bank_sdpa import sdpa_attention, sdpa_prefix_attention, with_sdpa  # noqa: F401
 
@@ -492,13 +492,6 @@ def _log_row(label, row):
           f"x{row['speedup']:.2f}{extra}  logit diff {row['max_abs_logit_diff']:.1e}", file=sys.stderr, flush=True)
 
 
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -527,7 +520,7 @@ def main(argv=None):
     warm = dict(zip(sections, (3, 1, 2))) if args.warmup is None else dict.fromkeys(sections, args.warmup)
     rep = dict(zip(sections, (20, 6, 10))) if args.repeat is None else dict.fromkeys(sections, args.repeat)
 
-    t0, load0, env = time.perf_counter(), _loadavg(), env_info(dev)  # git state as the code is imported
+    t0, load0, env = time.perf_counter(), loadavg(), env_info(dev)  # git state as the code is imported
     rows, extra = [], {}
     if "prefill" in args.only:
         r, extra["fold_report"] = measure_prefill(preset, dev, dtype, warm["prefill"], rep["prefill"], diag)
@@ -544,7 +537,7 @@ def main(argv=None):
         "command": " ".join(["python -m benchmarks.fold_bank_report"] + cmd),
         "model": PRESETS[preset]["model"], "grid": {k: PRESETS[preset][k] for k in sections},
         "peft_attn_implementation": peft_attn_implementation(preset),
-        "warmup": warm, "repeat": rep, "loadavg_before": load0, "loadavg_after": _loadavg(),
+        "warmup": warm, "repeat": rep, "loadavg_before": load0, "loadavg_after": loadavg(),
         "wall_s": time.perf_counter() - t0, "rows": rows, **extra,
     }
     from ptune_fast import _backend
@@ -555,13 +548,7 @@ def main(argv=None):
     md = render(report)
     print(md)
     if not args.no_write:
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"{dev.type}-fold-bank-{env['date'][:10]}")
-        with open(stem + ".md", "w") as f:
-            f.write(md)
-        with open(stem + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+        write_report(report, md, args.out_dir, f"{dev.type}-fold-bank-{env['date'][:10]}")
     return report
 
 

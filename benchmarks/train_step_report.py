@@ -273,7 +273,7 @@ def main(argv=None):
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    load0 = _loadavg()
+    load0 = C.loadavg()
     rows = []
     for method in args.methods:
         for B in args.batches:
@@ -289,7 +289,7 @@ def main(argv=None):
                                                                  else " " + " ".join(argv or sys.argv[1:])),
         "model": C.model_info(),
         "warmup": args.warmup, "repeat": args.repeat, "enc_repeat": args.enc_repeat,
-        "loadavg_before": load0, "loadavg_after": _loadavg(),
+        "loadavg_before": load0, "loadavg_after": C.loadavg(),
         "wall_s": time.perf_counter() - t0,
         "rows": rows,
     }
@@ -300,21 +300,8 @@ def main(argv=None):
     md = markdown(report)
     print(md)
     if not args.no_write:
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"{dev.type}-train-step-{env['date'][:10]}")
-        with open(stem + ".md", "w") as f:
-            f.write(md)
-        with open(stem + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+        C.write_report(report, md, args.out_dir, f"{dev.type}-train-step-{env['date'][:10]}")
     return report
-
-
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
