@@ -52,7 +52,6 @@ import contextlib
 import copy
 import datetime as _dt
 import functools
-import json
 import os
 import platform
 import statistics
