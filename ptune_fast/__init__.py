@@ -7,10 +7,10 @@ One import, one call::
 """
 from ptune_fast.ops import prefix_attention
 from ptune_fast.api import patch, unpatch, is_patched
-from ptune_fast.integrations.core import SUPPORTED_MODEL_TYPES
+from ptune_fast.integrations.capabilities import UnsupportedModel
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "is_patched", "prefix_attention", "SUPPORTED_MODEL_TYPES", "__version__"]
+__all__ = ["patch", "unpatch", "is_patched", "prefix_attention", "UnsupportedModel", "__version__"]
 
 from ptune_fast.adapter import PromptAdapter
 from ptune_fast.bank import TaskBank, p_tuning, prefix_tuning, prompt_tuning

@@ -18,33 +18,30 @@ from torch import nn
 
 from ptune_fast import reference
 from ptune_fast.encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, encode
-from ptune_fast.integrations.core import CAUSAL_DECODERS, check_supported
+from ptune_fast.integrations.core import describe
 
 METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 
 
 def model_spec(hf_model) -> dict:
-    """What an adapter must agree on with its base model."""
-    cfg = hf_model.config
-    model_type = check_supported(hf_model)
-    L = cfg.num_hidden_layers
-    H = cfg.num_attention_heads
-    Hkv = getattr(cfg, "num_key_value_heads", None) or H
-    hidden = cfg.hidden_size
-    D = getattr(cfg, "head_dim", None) or hidden // H
-    return {"model_type": model_type, "num_layers": L, "num_kv_heads": Hkv, "head_dim": D, "hidden_size": hidden}
+    """What an adapter must agree on with its base model (probed: see ``integrations.capabilities``)."""
+    return describe(hf_model).spec()
+
+
+def is_causal(hf_model) -> bool:
+    return describe(hf_model).causal
 
 
 class PromptAdapter(nn.Module):
     def __init__(self, method: str, spec: dict, encoder: Optional[nn.Module] = None,
-                 num_virtual_tokens: Optional[int] = None):
+                 num_virtual_tokens: Optional[int] = None, causal: bool = True):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method != "prefix_tuning" and spec["model_type"] not in CAUSAL_DECODERS:
+        if method != "prefix_tuning" and not causal:
             raise ValueError(
-                f"{method} without PEFT needs a causal decoder ({', '.join(CAUSAL_DECODERS)}), got "
-                f"{spec['model_type']!r}: the virtual tokens of a bidirectional encoder depend on the row. "
+                f"{method} without PEFT needs a model with causal attention, got {spec['model_type']!r}: "
+                "the virtual tokens of a bidirectional encoder depend on the row. "
                 "Use PEFT's model with ptune_fast.patch() instead."
             )
         self.method = method
@@ -52,6 +49,8 @@ class PromptAdapter(nn.Module):
         self.encoder = encoder
         if num_virtual_tokens is None:
             num_virtual_tokens = encoder.num_virtual_tokens
+        if int(num_virtual_tokens) < 1:
+            raise ValueError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens!r}")
         self.num_virtual_tokens = int(num_virtual_tokens)
         # folded tensors (buffers, saved with the adapter)
         self.register_buffer("static_tokens", None)  # [P, 2*L*Hkv*D] (prefix) or [n, hidden] (prompt methods)
@@ -74,7 +73,7 @@ class PromptAdapter(nn.Module):
         s = model_spec(hf_model)
         enc = PromptEncoder(num_virtual_tokens, s["hidden_size"], encoder_hidden_size or s["hidden_size"],
                             encoder_type, encoder_num_layers)
-        return cls("p_tuning", s, enc)
+        return cls("p_tuning", s, enc, causal=is_causal(hf_model))
 
     @classmethod
     def prompt_tuning(cls, hf_model, num_virtual_tokens: int, init: str = "random", init_token_ids=None,
@@ -82,7 +81,7 @@ class PromptAdapter(nn.Module):
         s = model_spec(hf_model)
         enc = PromptEmbedding(num_virtual_tokens, s["hidden_size"], init, hf_model.get_input_embeddings(),
                               init_token_ids, init_text, tokenizer)
-        return cls("prompt_tuning", s, enc)
+        return cls("prompt_tuning", s, enc, causal=is_causal(hf_model))
 
     # ------------------------------------------------------------------ state
     @property
@@ -147,6 +146,9 @@ class PromptAdapter(nn.Module):
         return report
 
     def check_model(self, hf_model) -> None:
+        if self.method != "prefix_tuning" and not is_causal(hf_model):
+            raise ValueError(f"{self.method} adapters need a model with causal attention, got "
+                             f"{describe(hf_model).model_type!r} (bidirectional)")
         got = model_spec(hf_model)
         if got != self.spec:
             diff = {k: (self.spec.get(k), got.get(k)) for k in set(got) | set(self.spec) if got.get(k) != self.spec.get(k)}

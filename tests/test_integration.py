@@ -6,7 +6,8 @@ import torch
 
 import ptune_fast
 from tests.models import batch, peft_model, tiny_model
-from tests.test_peft_parity import _run, assert_grad_close
+from tests.parity import assert_grad_close
+from tests.parity import run as _run
 
 pytest.importorskip("peft")
 

@@ -1,27 +1,13 @@
-"""PEFT parity of ptune_fast.patch for every method x model: logits, loss, gradients, generate."""
+"""Parity of ptune_fast.patch for every method x model against the PEFT-free oracle (always) and
+against PEFT (where PEFT works on the installed transformers): logits, loss, gradients, generate."""
 import pytest
 import torch
 
 import ptune_fast
 from tests.models import CAUSAL, METHODS, SEQ_CLS, batch, peft_model
+from tests.parity import assert_same, oracle_for, oracle_run, peft_works_or_skip, run, unpatched
 
 pytest.importorskip("peft")
-
-
-def _run(pm, ids, mask, labels):
-    pm.zero_grad(set_to_none=True)
-    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
-    return out.logits.detach(), out.loss.detach(), grads
-
-
-def _real_logits(logits, mask, kind, n_virtual, method):
-    if kind in SEQ_CLS:
-        return logits
-    if logits.shape[1] == mask.shape[1] + n_virtual:
-        logits = logits[:, n_virtual:]  # per-row prompt methods return the virtual tokens' logits too
-    return logits * mask[:, :, None]
 
 
 @pytest.mark.parametrize("kind", CAUSAL + SEQ_CLS)
@@ -31,55 +17,50 @@ def _real_logits(logits, mask, kind, n_virtual, method):
 def test_parity_fp32(kind, method, B, padding, prompt_pass):
     if prompt_pass == "per_row" and (method.startswith("prefix") or kind in SEQ_CLS):
         pytest.skip("prompt_pass only matters for prompt methods on causal decoders")
-    n = 5
-    pm = peft_model(kind, method, n=n)
-    ids, mask, labels = batch(kind, B, 9, padding)
-    ref = _run(pm, ids, mask, labels)
+    S = 9
+    pm = peft_model(kind, method)
+    ids, mask, labels = batch(kind, B, S, padding)
     ptune_fast.patch(pm, prompt_pass=prompt_pass)
-    try:
-        got = _run(pm, ids, mask, labels)
-    finally:
-        ptune_fast.unpatch(pm)
-    lr, lg = (_real_logits(x[0], mask, kind, n, method) for x in (ref, got))
-    assert lg.shape == lr.shape
-    assert (lg - lr).abs().max().item() <= 1e-5
-    assert abs(got[1].item() - ref[1].item()) <= 1e-5
-    assert ref[2].keys() == got[2].keys() and ref[2]
-    for name in ref[2]:
-        assert_grad_close(got[2][name], ref[2][name], name)
+    got = run(pm, ids, mask, labels)
+    ref = oracle_run(pm, method, ids, mask, labels, causal_lm=kind in CAUSAL)
+    assert_same(got, ref, mask, S, "patched vs oracle")
+    ptune_fast.unpatch(pm)
+    peft = peft_works_or_skip(lambda: run(pm, ids, mask, labels), f"{method} on {kind}")
+    assert_same(peft, ref, mask, S, "PEFT vs oracle")
 
 
-def assert_grad_close(got, ref, name):
-    # Relative to the tensor's scale: PEFT sums the prefix gradient over B encoder copies and
-    # attends to a concatenated K/V, we do neither, so fp32 summation orders differ (measured
-    # worst case ~3e-6 of the largest element on these models).
-    err = (got - ref).abs().max().item()
-    assert err <= 1e-4 * ref.abs().max().item() + 1e-6, f"{name}: max abs err {err}"
+def _generate(pm, **kw):
+    with torch.no_grad():
+        return pm.generate(**kw)
 
 
 @pytest.mark.parametrize("kind", CAUSAL)
 @pytest.mark.parametrize("method", ["prefix", "prefix_proj", "ptuning_lstm", "prompt"])
 def test_generate_greedy_and_beam(kind, method):
+    """Greedy tokens equal the oracle's plain greedy loop; greedy, beam and sampled tokens equal
+    PEFT's where PEFT's generate works (PEFT 0.21.2 ignores the prefix on transformers 5.24)."""
     pm = peft_model(kind, method)
     ids, mask, _ = batch(kind, 3, 7, "left")
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=1)
-    with torch.no_grad():
-        ref_greedy = pm.generate(**kw, do_sample=False)
-        ref_beam = pm.generate(**kw, do_sample=False, num_beams=3)
-        torch.manual_seed(3)
-        ref_sampled = pm.generate(**kw, do_sample=True, top_k=5)
-        ptune_fast.patch(pm)
-        try:
-            got_greedy = pm.generate(**kw, do_sample=False)
-            got_beam = pm.generate(**kw, do_sample=False, num_beams=3)
-            torch.manual_seed(3)
-            sampled = pm.generate(**kw, do_sample=True, top_k=5)
-        finally:
-            ptune_fast.unpatch(pm)
-    assert torch.equal(got_greedy, ref_greedy)
-    assert torch.equal(got_beam, ref_beam)
-    assert torch.equal(sampled, ref_sampled)  # same logits + same RNG stream -> same samples
-    assert len(set(ref_greedy[:, -6:].flatten().tolist())) > 1, "degenerate model: test would not discriminate"
+    new = 6
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=1)
+    ptune_fast.patch(pm)
+    got_greedy = _generate(pm, **kw, do_sample=False)
+    got_beam = _generate(pm, **kw, do_sample=False, num_beams=3)
+    torch.manual_seed(3)
+    got_sampled = _generate(pm, **kw, do_sample=True, top_k=5)
+    orc = oracle_for(pm, method)
+    with unpatched(pm):
+        want = orc.greedy(ids, mask, new)
+    assert torch.equal(got_greedy, want)
+    assert len(set(want[:, -new:].flatten().tolist())) > 1, "degenerate model: test would not discriminate"
+    ptune_fast.unpatch(pm)
+    peft_greedy = peft_works_or_skip(lambda: _generate(pm, **kw, do_sample=False), f"generate, {method} on {kind}")
+    if not torch.equal(peft_greedy, want):
+        pytest.skip(f"PEFT's own generate disagrees with the oracle for {method} on {kind} here (PEFT 0.21.2 on "
+                    "transformers 5.24 drops the prefix / virtual tokens); the oracle comparison passed")
+    assert torch.equal(got_beam, _generate(pm, **kw, do_sample=False, num_beams=3))
+    torch.manual_seed(3)
+    assert torch.equal(got_sampled, _generate(pm, **kw, do_sample=True, top_k=5))
 
 
 def test_unpatch_restores_peft():

@@ -1,5 +1,5 @@
-"""transformers / PEFT integration: attention registration, patching, standalone entry points."""
+"""transformers / PEFT integration: attention registration, capabilities, patching."""
 from ptune_fast.integrations.attention import register
-from ptune_fast.integrations.core import SUPPORTED_MODEL_TYPES
+from ptune_fast.integrations.capabilities import Capabilities, UnsupportedModel, describe
 
-__all__ = ["register", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["register", "describe", "Capabilities", "UnsupportedModel"]

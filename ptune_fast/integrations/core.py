@@ -4,7 +4,7 @@
 
 * switches the model to the ``"ptune_fast"`` attention and mask functions;
 * hangs ``state`` on every attention module (looked up by ``module.layer_idx``);
-* installs a forward pre-hook on the backbone (``hf_model.base_model``; OPT: its decoder) that refreshes the
+* installs a forward pre-hook on the backbone (``hf_model.base_model``) that refreshes the
   prefix once per forward and gives the real tokens PEFT's positions: with PEFT the prefix
   sits in the cache, so the real tokens of a row start at position ``P`` (plus the real
   cache length). Explicit ``position_ids`` are shifted by ``P``, as PEFT does.
@@ -18,44 +18,20 @@ import inspect
 import torch
 
 from ptune_fast.integrations import attention as _attention
+from ptune_fast.integrations import compat
+from ptune_fast.integrations.capabilities import Capabilities, backbone_of
+from ptune_fast.integrations.capabilities import describe as _describe
 from ptune_fast.integrations.state import PrefixState
 
-#: model_type -> how positions are derived when ``position_ids`` is not given.
-POSITION_FAMILY = {
-    "llama": "arange",
-    "mistral": "arange",
-    "qwen2": "arange",
-    "qwen3": "arange",
-    "gpt2": "arange",
-    "bert": "arange",
-    "opt": "opt",
-    "roberta": "roberta",
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(POSITION_FAMILY))
-#: causal decoders: their virtual tokens' K/V do not depend on the row (shared pass, deep fold)
-CAUSAL_DECODERS = ("gpt2", "llama", "mistral", "opt", "qwen2", "qwen3")
+__all__ = ["Attachment", "attach_prefix", "attention_modules", "backbone_of", "describe"]
 
-
-def check_supported(hf_model) -> str:
-    """Model type of ``hf_model``, or a ValueError naming it when attention cannot be served."""
-    config = getattr(hf_model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in POSITION_FAMILY:
-        raise ValueError(
-            f"ptune_fast cannot patch model type {model_type!r} ({type(hf_model).__name__}); "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"ptune_fast does not support encoder-decoder models ({model_type!r})")
-    if hasattr(hf_model, "_can_set_attn_implementation") and not hf_model._can_set_attn_implementation():
-        raise ValueError(f"{type(hf_model).__name__} ({model_type!r}) does not use transformers' AttentionInterface")
-    return model_type
-
-
-def backbone_of(hf_model):
-    """The module that derives positions and runs the layers (OPTForCausalLM calls model.decoder)."""
-    bb = hf_model.base_model
-    return bb.decoder if getattr(hf_model.config, "model_type", None) == "opt" else bb
+def describe(hf_model) -> Capabilities:
+    """:func:`capabilities.describe`, probed once per model and kept on it."""
+    caps = hf_model.__dict__.get("_ptune_fast_caps")
+    if caps is None:
+        caps = _describe(hf_model)
+        hf_model.__dict__["_ptune_fast_caps"] = caps
+    return caps
 
 
 def attention_modules(hf_model):
@@ -67,23 +43,23 @@ def attention_modules(hf_model):
     return mods
 
 
-def _position_ids(model_type, config, kw, P, S, past_len, device, ignore_given=False):
+def _position_ids(caps: Capabilities, kw, P, S, past_len, device, ignore_given=False):
+    """The positions transformers gives the real tokens when the P prefix tokens sit in its cache."""
     given = kw.get("position_ids")
     if given is not None and not ignore_given:
         return given + P
-    family = POSITION_FAMILY[model_type]
     mask = kw.get("attention_mask")
-    if family == "opt" and mask is not None and mask.dim() == 2:
+    if caps.positions == "mask" and mask is not None and mask.dim() == 2:
         m = mask.long()
         pos = (torch.cumsum(m, dim=1) + P) * m - 1
         return pos[:, -S:]
-    if family == "roberta":
-        pad = config.pad_token_id
+    if caps.positions == "padding_idx":
+        pad = caps.padding_idx
         ids = kw.get("input_ids")
         if ids is not None:
             m = ids.ne(pad).long()
             return (torch.cumsum(m, dim=1) + P + past_len) * m + pad
-        # RoBERTa ignores the cache length for inputs_embeds (HF and PEFT alike)
+        # RoBERTa-like models ignore the cache length for inputs_embeds (HF and PEFT alike)
         return torch.arange(pad + 1, S + pad + 1, device=device).unsqueeze(0)
     return (torch.arange(S, device=device) + (past_len + P)).unsqueeze(0)
 
@@ -103,7 +79,8 @@ class Attachment:
     def __init__(self, hf_model, state: PrefixState, ignore_position_ids: bool = False):
         self.model = hf_model
         self.state = state
-        self.model_type = check_supported(hf_model)
+        self.caps = describe(hf_model)
+        self.model_type = self.caps.model_type
         self.backbone = backbone_of(hf_model)
         self.previous_attn = hf_model.config._attn_implementation
         self.modules = attention_modules(hf_model)
@@ -172,9 +149,9 @@ class Attachment:
             if B % tids.shape[0]:
                 raise ValueError(f"task_ids has {tids.shape[0]} rows but the batch has {B}")
             self.state.task_ids = tids.repeat_interleave(B // tids.shape[0])
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        kwargs["position_ids"] = _position_ids(self.model_type, self.model.config, kwargs, P, S, past_len, device,
+        past = compat.get_cache(kwargs)
+        past_len = compat.cache_length(past)
+        kwargs["position_ids"] = _position_ids(self.caps, kwargs, P, S, past_len, device,
                                                ignore_given=self.ignore_position_ids)
         if kwargs.get("attention_mask") is None and past is None and torch.compiler.is_compiling():
             # Under torch.compile HF cannot rule out packed sequences from position_ids alone;

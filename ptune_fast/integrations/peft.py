@@ -11,15 +11,14 @@ Numbers equal PEFT's; ``unpatch`` restores PEFT's own code paths.
 """
 from __future__ import annotations
 
-import inspect
 import types
 import warnings
-
 
 from ptune_fast import reference
 from ptune_fast.encoders import encode
 from ptune_fast.integrations import shared_pass
-from ptune_fast.integrations.core import CAUSAL_DECODERS, attach_prefix, backbone_of, check_supported
+from ptune_fast.integrations.capabilities import UnsupportedModel
+from ptune_fast.integrations.core import attach_prefix, backbone_of, describe
 from ptune_fast.integrations.state import PrefixState
 
 _ATTR = "_ptune_fast_patch"
@@ -63,13 +62,8 @@ def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_em
         raise ValueError("task_ids: a patched single-adapter model has no task bank (see ptune_fast.TaskBank)")
     common = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                   return_dict=return_dict)
-    if patch.seq_cls_backbone:
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-        common["return_dict"] = return_dict
-        # PEFT runs the backbone, then its own pooled-output head (BERT/RoBERTa lack past_key_values)
-        return self._prefix_tuning_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                           inputs_embeds=inputs_embeds, labels=labels, **common, **kwargs)
+    # The prefix is served by the attention function, so every head (causal LM, sequence
+    # classification, ...) runs as the plain transformers model: no cache argument needed.
     return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                            labels=labels, **common, **kwargs)
 
@@ -124,21 +118,24 @@ class PeftPatch:
         self.saved = {}
         self.encoder_calls = 0
         hf = peft_model.get_base_model()
-        self.seq_cls_backbone = (
-            type(peft_model).__name__ == "PeftModelForSequenceClassification"
-            and "past_key_values" not in inspect.signature(peft_model.base_model.forward).parameters
-        )
         self.hf_model = hf
+        self.prompt_pass = prompt_pass
+        caps = describe(hf)
         task = str(getattr(cfg.task_type, "value", cfg.task_type))
-        can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM"
-                     and hf.config.model_type in CAUSAL_DECODERS)
-        if prompt_pass not in ("auto", "shared", "per_row"):
-            raise ValueError(f"prompt_pass must be 'auto', 'shared' or 'per_row', got {prompt_pass!r}")
+        can_share = self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM" and caps.causal
         if prompt_pass == "shared" and not can_share:
             raise ValueError(
-                "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM decoder "
-                f"({', '.join(CAUSAL_DECODERS)}); got {self.method} / {task} / {hf.config.model_type!r}"
+                "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM model with causal attention; "
+                f"got {self.method} / {task} / {caps.model_type!r} (causal attention: {caps.causal})"
             )
+        if self.method == "PREFIX_TUNING":
+            peft_layout = (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads)
+            model_layout = (caps.num_layers, caps.num_kv_heads, caps.head_dim)
+            if peft_layout != model_layout:
+                raise UnsupportedModel(
+                    f"ptune_fast cannot serve this PEFT prefix on model type {caps.model_type!r}: PEFT's prefix layout "
+                    f"(layers, kv heads, head dim) = {peft_layout} does not match the model's attention {model_layout}"
+                )
         self.shared = can_share and prompt_pass != "per_row"
 
     def _override(self, name, fn):
@@ -203,7 +200,15 @@ def patch_peft(peft_model, prompt_pass: str = "auto"):
     the real tokens only), ``"per_row"`` prepends them to every row as PEFT does, ``"auto"``
     picks ``"shared"`` where it is exact.
     """
+    if prompt_pass not in ("auto", "shared", "per_row"):
+        raise ValueError(f"prompt_pass must be 'auto', 'shared' or 'per_row', got {prompt_pass!r}")
     if is_patched(peft_model):
+        current = getattr(peft_model, _ATTR).prompt_pass
+        if current != prompt_pass:
+            raise ValueError(
+                f"this model is already patched with prompt_pass={current!r}; unpatch() it before patching with "
+                f"prompt_pass={prompt_pass!r}"
+            )
         return peft_model
     cfg = peft_model.active_peft_config
     method = _peft_type(cfg)
@@ -214,7 +219,8 @@ def patch_peft(peft_model, prompt_pass: str = "auto"):
     task = str(getattr(cfg.task_type, "value", cfg.task_type))
     if task not in ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION"):
         raise ValueError(f"ptune_fast supports task types CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION, got {task}")
-    check_supported(peft_model.get_base_model())
+    if not cfg.num_virtual_tokens or cfg.num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be >= 1, got {cfg.num_virtual_tokens!r} in the PEFT config")
     return PeftPatch(peft_model, prompt_pass).install()
 
 

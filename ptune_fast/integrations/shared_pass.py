@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from ptune_fast.encoders import encode
+from ptune_fast.integrations import compat
 
 
 def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state):
     """Run ``prompts [n, d]`` through ``backbone`` once; return per-layer ``(keys, values)``
     ``[L, Hkv, n, D]`` and store the last virtual token's final hidden state in ``state.extra``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=hf_model.config)
+    cache = compat.new_dynamic_cache(hf_model.config)
     # The virtual tokens attend only to each other: run the backbone with no prefix and no
     # position shift, whatever ptune_fast state is attached to the model.
     attached = getattr(hf_model, "_ptune_fast_attachment", None)
@@ -34,17 +33,14 @@ def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state):
     if attached is not None:
         attached.state.computing = True
     try:
-        out = backbone(inputs_embeds=prompts.unsqueeze(0), past_key_values=cache, use_cache=True, return_dict=True)
+        out = backbone(inputs_embeds=prompts.unsqueeze(0), use_cache=True, return_dict=True,
+                       **{compat.cache_kwarg(backbone): cache})
     finally:
         if attached is not None:
             attached.state.computing = prev
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        keys = torch.stack([layer.keys[0] for layer in layers])
-        values = torch.stack([layer.values[0] for layer in layers])
-    else:  # pragma: no cover - older cache API
-        keys = torch.stack([k[0] for k in cache.key_cache])
-        values = torch.stack([v[0] for v in cache.value_cache])
+    layers = compat.cache_layers(cache)
+    keys = torch.stack([k[0] for k, _ in layers])
+    values = torch.stack([v[0] for _, v in layers])
     state.extra["last_hidden"] = out.last_hidden_state[0, -1]
     return keys, values
 
