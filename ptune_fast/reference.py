@@ -26,6 +26,11 @@ every prefix column plus sequence keys ``0 .. T - S + i``. For P = 2, T = 4, S =
 
 A query row with no visible key at all (possible only when P = 0 and padding hides every
 visible key) outputs zeros and has ``lse = -inf`` (FlashAttention's convention).
+
+A bank row whose ``task_ids`` entry lies outside ``[0, N)`` outputs NaN (and ``lse = NaN``); its
+gradients are 0 (it contributes nothing to the bank, nor to q/k/v). Every backend does this
+without a host sync (raising would need one on CUDA). A ``P = 0`` prefix is no prefix: its
+``task_ids`` are not looked at.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "prefix_attention",
+    "check_prefix_attention_inputs",
+    "task_rows",
     "expand_prefix",
     "naive_prefix_attention",
     "encoder_mlp",
@@ -49,6 +56,74 @@ __all__ = [
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_prefix_attention_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, dropout_p):
+    """Validate the arguments of ``prefix_attention`` (every backend, and ``decode_attention``):
+    raise ValueError/TypeError naming the argument and the expected shape."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ([B, H, S, D] / [B, Hkv, T, D]), got shape {tuple(t.shape)}")
+    B, H, S, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, Hkv, T, D={D}], got {tuple(k.shape)}")
+    Hkv, T = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if S < 1:
+        raise ValueError(f"q must hold at least one query (S >= 1), got S={S}")
+    if causal and T < S:
+        raise ValueError(f"causal attention needs T >= S (k holds the cache + the new tokens), got T={T}, S={S}")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v must be given together")
+    if prefix_k is not None:
+        if prefix_k.shape != prefix_v.shape:
+            raise ValueError(
+                f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
+            )
+        if prefix_k.dim() not in (3, 4) or prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D:
+            raise ValueError(
+                f"prefix_k must be [Hkv={Hkv}, P, D={D}] (shared) or [N, Hkv={Hkv}, P, D={D}] (bank), "
+                f"got {tuple(prefix_k.shape)}"
+            )
+        if prefix_k.dtype != q.dtype or prefix_v.dtype != q.dtype:
+            raise TypeError(f"prefix_k/prefix_v dtype must equal q's ({q.dtype}), got {prefix_k.dtype}")
+        if prefix_k.dim() == 4:
+            if task_ids is None:
+                raise ValueError("task_ids [B] is required when prefix_k is a bank [N, Hkv, P, D]")
+            if task_ids.shape != (B,) or task_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"task_ids must be an int32/int64 tensor of shape [B={B}], got {task_ids.dtype} {tuple(task_ids.shape)}"
+                )
+        elif task_ids is not None:
+            raise ValueError("task_ids is only meaningful with a prefix bank [N, Hkv, P, D]")
+    elif task_ids is not None:
+        raise ValueError("task_ids given without a prefix")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
+        raise ValueError(f"key_padding_mask must be [B={B}, T={T}] (True = real token), got {tuple(key_padding_mask.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def task_rows(task_ids: torch.Tensor, n_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, ok)``: ``task_ids`` as int64 with out-of-range entries replaced by 0 (safe to
+    gather with), and ``ok [B]`` bool, False where the id was outside ``[0, n_tasks)``. No host sync."""
+    ids = task_ids.long()
+    ok = (ids >= 0) & (ids < n_tasks)
+    return torch.where(ok, ids, torch.zeros_like(ids)), ok
+
+
+def poison_rows(out: torch.Tensor, ok: Optional[torch.Tensor]) -> torch.Tensor:
+    """NaN on the rows ``b`` (dim 0) where ``ok[b]`` is False; the gradient there is 0."""
+    if ok is None:
+        return out
+    return torch.where(ok.view((-1,) + (1,) * (out.dim() - 1)), out, torch.full_like(out, float("nan")))
 
 
 def expand_prefix(
@@ -101,7 +176,10 @@ def prefix_attention(
         visible = visible & key_padding_mask.to(torch.bool)[:, None, None, :]
     scores = scores.masked_fill(~visible, float("-inf"))
 
+    ok = None
     if prefix_k is not None and prefix_k.shape[-2] > 0:
+        if prefix_k.dim() == 4:
+            task_ids, ok = task_rows(task_ids, prefix_k.shape[0])
         pk = expand_prefix(prefix_k, B, task_ids).to(cdt).repeat_interleave(rep, dim=1)
         pv = expand_prefix(prefix_v, B, task_ids).to(cdt).repeat_interleave(rep, dim=1)
         pscores = torch.matmul(qf, pk.transpose(-1, -2)) * scale  # [B,H,S,P]
@@ -115,9 +193,9 @@ def prefix_attention(
     probs = torch.exp(scores - safe_lse[..., None])  # exactly 0 on masked columns
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, values).to(q.dtype)
+    out = poison_rows(torch.matmul(probs, values).to(q.dtype), ok)
     if return_lse:
-        return out, lse.float()
+        return out, poison_rows(lse.float(), ok)
     return out
 
 

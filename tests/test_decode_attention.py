@@ -97,6 +97,27 @@ def check(x, dtype, causal=True, num_splits=0, scale=None):
 # ============================================================================ CPU: dispatch
 
 
+def test_ops_export_the_functions_and_modules_do_not_import_each_other():
+    """``ptune_fast.ops.decode_attention`` / ``.prefix_attention`` are the documented functions
+    (right after ``import ptune_fast``), and decode_attention.py does not import prefix_attention.py
+    (both take the input checks from the reference): no import cycle."""
+    import ast
+    import subprocess
+    import sys
+
+    code = ("import ptune_fast, sys; "
+            "assert callable(ptune_fast.ops.decode_attention) and callable(ptune_fast.ops.prefix_attention); "
+            "assert ptune_fast.ops.decode_attention is sys.modules['ptune_fast.ops.decode_attention'].decode_attention; "
+            "assert ptune_fast.prefix_attention is ptune_fast.ops.prefix_attention; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    tree = ast.parse(open(da.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("prefix_attention" in (m or "") for m in imported), imported
+    assert pa.check_inputs is reference.check_prefix_attention_inputs
+
+
 def test_public_op_raises_without_extension_or_cuda():
     x = make_inputs()
     with pytest.raises(_backend.BackendUnavailable, match="decode kernel cannot run this call"):

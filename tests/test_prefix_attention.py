@@ -13,9 +13,7 @@ the extra allowance covers accumulation-order differences over up to P + T terms
 import importlib
 import itertools
 import os
-import subprocess
-import sys
-import textwrap
+import types
 
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is created
@@ -398,38 +396,205 @@ def test_reference_matches_naive_property(B, rep, Hkv, S, extra, P, D, causal, b
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+# ----------------------------------------------------------------------------- issue 11: ids, P=0, determinism, grids
+
+
+BACKENDS_ON_CPU = ["triton", "reference", "sdpa"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_out_of_range_task_ids_give_nan_rows_and_no_gradient(backend, monkeypatch):
+    """task_ids outside [0, N): NaN output rows, zero gradients from those rows (bank, q, k, v);
+    the other rows are exactly what they are without the bad rows. Same on every backend."""
+    x, dout = make_inputs(B=4, H=2, Hkv=1, S=3, T=4, P=2, D=16, bank=True, pad="left", n_tasks=2, seed=5)
+    x["task_ids"] = torch.tensor([1, 2, 0, -1])  # rows 1 and 3 are out of range
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    leaves = {n: x[n].clone().requires_grad_() for n in FLOAT_ARGS}
+    out = prefix_attention(**leaves, task_ids=x["task_ids"], key_padding_mask=x["key_padding_mask"])
+    assert torch.isnan(out[[1, 3]]).all() and torch.isfinite(out[[0, 2]]).all()
+    grads = dict(zip(FLOAT_ARGS, torch.autograd.grad(out, list(leaves.values()), dout)))
+    for n in ("q", "k", "v"):
+        assert grads[n][[1, 3]].abs().max() == 0, n
+    # the good rows alone, through the fp64 oracle
+    good = {n: (t[[0, 2]] if n in ("q", "k", "v", "task_ids", "key_padding_mask") else t) for n, t in x.items()}
+    monkeypatch.delenv(_backend.ENV_VAR)
+    ref = run(reference.prefix_attention, good, dout[[0, 2]], torch.float64, True, "cpu")
+    torch.testing.assert_close(out[[0, 2]].detach().double(), ref["out"], atol=1e-5, rtol=1e-5)
+    for n in FLOAT_ARGS:
+        got = grads[n][[0, 2]] if n in ("q", "k", "v") else grads[n]
+        torch.testing.assert_close(got.double(), ref[n], atol=5e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_out_of_range_task_ids_lse_is_nan():
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    x, _ = make_inputs(B=2, H=2, Hkv=1, S=3, T=3, P=2, D=16, bank=True, n_tasks=2)
+    x["task_ids"] = torch.tensor([0, 7])
+    args = [x[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "task_ids", "key_padding_mask")]
+    out, lse, _ = tri.forward(*args, True, None, 0.0)
+    ref, ref_lse = reference.prefix_attention(*args, return_lse=True)
+    assert torch.isnan(lse[1]).all() and torch.isnan(ref_lse[1]).all()
+    torch.testing.assert_close(lse[0], ref_lse[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("bank", [False, True], ids=["shared", "bank"])
+def test_zero_length_prefix_through_the_registered_op(backend, bank, monkeypatch):
+    """The public op strips a P = 0 prefix; the registered op, called directly, must cope too:
+    same output as no prefix, zero prefix gradients of the prefix's shape."""
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    x, dout = make_inputs(H=2, Hkv=1, S=3, T=4, P=0, D=16, pad="left")
+    shape = (3, 1, 0, 16) if bank else (1, 0, 16)
+    pk, pv = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    ids = torch.tensor([0, 5]) if bank else None  # ids are not looked at without prefix columns
+    q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    out, _, _ = pa._prefix_attention_op(q, k, v, pk, pv, ids, x["key_padding_mask"], True, None, 0.0, True)
+    grads = torch.autograd.grad(out, [q, k, v, pk, pv], dout)
+    want = run(reference.prefix_attention, x, dout, torch.float32, True, "cpu")
+    torch.testing.assert_close(out.detach().double(), want["out"], atol=1e-5, rtol=1e-5)
+    for n, g in zip(("q", "k", "v"), grads):
+        torch.testing.assert_close(g.double(), want[n], atol=1e-5, rtol=1e-5)
+    assert grads[3].shape == shape and grads[4].shape == shape
+
+
+def test_prefix_gradients_are_a_fixed_order_sum(monkeypatch):
+    """Bank / shared-prefix gradients: the Triton backward sums the per-row partials in row order
+    (no atomics): bitwise equal to a sequential fp32 sum over the rows, and run to run."""
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    B, E = 6, 3 * 1000  # E > the reduce block: several blocks per entry
+    g = torch.Generator().manual_seed(0)
+    part = torch.randn(B, 3, 1000, generator=g) * torch.logspace(-4, 4, 1000)  # wide range: order matters
+    ids = torch.tensor([2, 0, 2, 9, 2, -1], dtype=torch.int32)  # 9, -1 out of range: no entry
+    for bank, n_tasks in ((True, 4), (False, 1)):
+        got = torch.empty(n_tasks, 3, 1000)
+        tri._prefix_grad_reduce[tri.grids(B, 1, 3, 1, 1, 1000, 1, n_tasks=n_tasks)["reduce"]](
+            part, ids, got, B, n_tasks, E, IS_BANK=bank, BLOCK=tri._REDUCE_BLOCK)
+        want = torch.zeros(n_tasks, 3, 1000)
+        for b in range(B):
+            if not bank:
+                want[0] = want[0] + part[b]
+            elif 0 <= ids[b] < n_tasks:
+                want[ids[b]] = want[ids[b]] + part[b]
+        assert torch.equal(got, want)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    x, dout = make_inputs(B=4, H=2, Hkv=1, S=3, T=4, P=3, D=16, bank=True, n_tasks=2, seed=2)
+    x["task_ids"] = torch.tensor([1, 1, 0, 1])
+    a, b = (run(prefix_attention, x, dout, torch.float32, True, "cpu") for _ in range(2))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("B, H, Hkv, S, T, P", [(4096, 32, 8, 1, 4096, 128), (4096, 32, 32, 4096, 4096, 512),
+                                                (2048, 32, 8, 8, 300, 0)])
+def test_launch_grids_fit_cuda_limits(B, H, Hkv, S, T, P):
+    """CUDA caps grid axes y and z at 65,535 (x at 2^31 - 1); B * H = 131,072 here. Host-side:
+    the grid tuples the launchers use, for the smallest tiles (the most programs)."""
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    grids = tri.grids(B, H, Hkv, S, T, P, 128, n_tasks=1000, block_m=16, block_n=16)
+    assert set(grids) == {"fwd", "pre", "dkv", "dq", "reduce"}
+    for name, grid in grids.items():
+        assert 1 <= len(grid) <= 3 and grid[0] <= tri.MAX_GRID_X, (name, grid)
+        assert all(g <= tri.MAX_GRID_YZ for g in grid[1:]), (name, grid)
+        assert tri._check_grid(grid) == grid
+    assert grids["fwd"][0] == B * H * -(-S // 16) and grids["dkv"][0] == B * Hkv * (-(-P // 16) + -(-T // 16))
+    with pytest.raises(ValueError, match="grid"):
+        tri._check_grid((2**31,))
+
+
+# ----------------------------------------------------------------------------- out layout, fp32, configs, warmup
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU + ["auto"])
+def test_out_layout_bshd(backend, monkeypatch):
+    """out_layout="bshd": a contiguous [B, S, H, D] output equal to the [B, H, S, D] one
+    transposed, with the same gradients."""
+    if backend != "auto":
+        monkeypatch.setenv(_backend.ENV_VAR, backend)
+    x, dout = make_inputs(B=2, H=4, Hkv=2, S=3, T=5, P=2, D=16, bank=True, pad="right")
+    want = run(prefix_attention, x, dout, torch.float32, True, "cpu")
+    got = run(lambda **kw: prefix_attention(**kw, out_layout="bshd"), x, dout.transpose(1, 2), torch.float32, True,
+              "cpu")
+    assert got["out"].shape == (2, 3, 4, 16)
+    torch.testing.assert_close(got["out"].transpose(1, 2), want["out"], atol=0, rtol=0)
+    for n in FLOAT_ARGS:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6)
+    leaves = [x[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    assert prefix_attention(*leaves, x["task_ids"], out_layout="bshd").is_contiguous()
+    with pytest.raises(ValueError, match="out_layout"):
+        prefix_attention(*leaves, x["task_ids"], out_layout="bsdh")
+
+
+def test_triton_writes_bshd_in_place():
+    """The Triton forward writes [B, S, H, D] memory through the output strides: no copy after."""
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    x, _ = make_inputs(B=2, H=4, Hkv=2, S=3, T=5, P=2, D=16)
+    args = [x[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "task_ids", "key_padding_mask")]
+    out, _, _ = tri.forward(*args, True, None, 0.0, need_lse=False, out_bshd=True)
+    assert out.shape == (2, 3, 4, 16) and out.is_contiguous() and out._base is None
+    torch.testing.assert_close(out.transpose(1, 2), reference.prefix_attention(*args), atol=2e-5, rtol=1e-5)
+
+
+def _fake_cuda_args(dtype, D=64):
+    """Stand-ins with what select_backend / why_not look at, as if on a CUDA device."""
+    t = types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 4, 8, D), device=torch.device("cuda", 0))
+    return (t, t, t, None, None, None, None, True, None, 0.0)
+
+
+def test_fp32_on_cuda_falls_back_to_sdpa_counted(monkeypatch):
+    """fp32 CUDA calls are not autotuned in Triton (IEEE-fp32 compiles take minutes and spill):
+    an automatic, counted fallback to sdpa; forced triton raises; PTUNE_FAST_TRITON_TF32=1 opts in."""
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    monkeypatch.setattr(tri, "_INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.delenv(tri.TF32_ENV_VAR, raising=False)
+    args = _fake_cuda_args(torch.float32)
+    why = tri.why_not(*args)
+    assert "fp32 on CUDA" in why and tri.TF32_ENV_VAR in why
+    before = sum(n for (op, b, r), n in _backend.FALLBACKS.items() if op == pa.OP and b == "triton" and "fp32" in r)
+    assert pa.select_backend(args, need_grad=True) == "sdpa"
+    after = sum(n for (op, b, r), n in _backend.FALLBACKS.items() if op == pa.OP and b == "triton" and "fp32" in r)
+    assert after == before + 1
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    with pytest.raises(_backend.BackendUnavailable, match="fp32 on CUDA"):
+        pa.select_backend(args, need_grad=True)
+    monkeypatch.setenv(tri.TF32_ENV_VAR, "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert tri.why_not(*args) == "" and tri._dot_prec(torch.float32, interpret=False) == "tf32"
+    assert tri.why_not(*_fake_cuda_args(torch.bfloat16)) == ""
+
+
+def test_configs_are_pruned_by_shape_up_front():
+    tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
+    as_tuple = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    for kernel in ("fwd", "dkv", "dq"):
+        for D, block_d in ((64, 64), (80, 128), (128, 128), (32, 64)):
+            for dtype in (torch.float16, torch.bfloat16):
+                got = [as_tuple(c) for c in tri.configs_for(kernel, D, dtype, S=4096, T=4096, P=128)]
+                assert got and set(got) <= set(tri._SPILL_FREE[(kernel, block_d)]), (kernel, D)
+        decode = tri.configs_for(kernel, 128, torch.bfloat16, S=1, T=4096, P=128)  # no query tile above 16
+        assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode), kernel
+        assert len(tri.configs_for(kernel, 128, torch.bfloat16, S=5, T=7, P=3)) == 1  # the smallest tile only
+        assert {as_tuple(c) for c in tri.configs_for(kernel, 256, torch.bfloat16, 512, 512, 16)} <= set(tri._WIDE[kernel])
+        assert {as_tuple(c) for c in tri.configs_for(kernel, 64, torch.float32, 512, 512, 16)} <= set(tri._FP32[kernel])
+        every = {as_tuple(c) for c in tri._all_configs(kernel)}  # what the autotuner is built with
+        assert set(tri._FP32[kernel]) | set(tri._WIDE[kernel]) <= every
+
+
+def test_warmup_runs_every_shape_once_per_mode(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    shapes = [(2, 4, 2, 3, 5, 2, 16), (1, 4, 2, 1, 6, 0, 16)]
+    served = pa.warmup(shapes, torch.float32, "cpu", n_tasks=3)
+    assert served == [(shapes[0], "sdpa"), (shapes[0], "sdpa"), (shapes[1], "sdpa"), (shapes[1], "sdpa")]
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    before = _backend.CALLS[(pa.OP + ".backward", "triton")]
+    assert pa.warmup(shapes[:1], torch.float32, "cpu", inference=False) == [(shapes[0], "triton")]
+    assert _backend.CALLS[(pa.OP + ".backward", "triton")] == before + 1
+    from ptune_fast import ops
+
+    assert ops.warmup_prefix_attention is pa.warmup
+
+
 # ----------------------------------------------------------------------------- compiled kernels
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(CUDA, reason="the gpu tests run the compiled kernels")
-def test_kernels_compile_for_sm90():
-    """Without a GPU: compile the three kernels to cubin for sm_90 (catches what the interpreter
-    forgives: dtype mismatches across loop iterations, non-constexpr shapes...)."""
-    code = textwrap.dedent("""
-        import os; os.environ.pop("TRITON_INTERPRET", None)
-        import triton
-        from triton.compiler import ASTSource
-        from triton.backends.compiler import GPUTarget
-        from ptune_fast.ops import _prefix_attention_triton as tri
-        ptr = {"TID": "*i64", "KPM": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32",
-               "RNG": "*i64"}
-        consts = dict(D=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, IS_CAUSAL=True, HAS_KPM=True, IS_BANK=True,
-                      DROPOUT=True, DOT_PREC="tf32")
-        for fn, extra in ((tri._fwd_kernel, dict(STORE_LSE=True)), (tri._bwd_dkv_kernel, {}),
-                          (tri._bwd_dq_kernel, {})):
-            c = dict(consts, **extra)
-            ints = ("H", "HKV", "REP", "S", "T", "P", "TUNE_S", "TUNE_T")
-            sig = {n: "constexpr" if n in c else ptr.get(n, "*bf16") if n[0].isupper() and n not in ints else
-                   "fp32" if n in ("qk_scale", "dropout_p", "scale") else "i32" for n in fn.arg_names}
-            triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32))
-        print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if "ptxas" in res.stderr and "not found" in res.stderr:  # pragma: no cover
-        pytest.skip("no ptxas in this Triton install")
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+# AOT compiles for sm_80 / sm_90 (resources: registers, spills, shared memory): tests/test_triton_resources.py
 
 
 # ----------------------------------------------------------------------------- GPU, real sizes

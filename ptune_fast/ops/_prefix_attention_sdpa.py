@@ -6,12 +6,20 @@ copies live for the call and its backward only; the model never holds them), bui
 boolean mask (prefix always visible, bottom-right causal, key padding) and lets
 ``F.scaled_dot_product_attention`` (fused, native autograd, GQA without ``repeat_kv``) do the
 rest. Same semantics as :func:`ptune_fast.reference.prefix_attention`, including zeros for rows
-with no visible key.
+with no visible key and NaN rows (zero gradients) for out-of-range bank ids (gathered as entry 0,
+then poisoned: no host sync).
+
+Bank gradients come from autograd's ``index_select`` backward (``index_add_``): sequential on
+CPU; on CUDA it uses atomics, so the bank gradient is not bitwise reproducible there unless
+``torch.use_deterministic_algorithms(True)`` is on (the Triton backward, which serves fp16/bf16
+training on CUDA, is deterministic either way).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ptune_fast.reference import poison_rows, task_rows
 
 
 def why_not(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p) -> str:
@@ -30,14 +38,16 @@ def run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, 
     if key_padding_mask is not None:
         pad = key_padding_mask.to(torch.bool).view(B, 1, 1, T)
         visible = pad if visible is None else visible & pad
-    empty_rows = None
+    empty_rows = ok = None
+    if prefix_k is not None and prefix_k.shape[-2] == 0:
+        prefix_k = prefix_v = task_ids = None
     if prefix_k is not None:
         P = prefix_k.shape[-2]
         if prefix_k.dim() == 3:
             pk = prefix_k.unsqueeze(0).expand(B, -1, -1, -1)
             pv = prefix_v.unsqueeze(0).expand(B, -1, -1, -1)
         else:
-            idx = task_ids.long()
+            idx, ok = task_rows(task_ids, prefix_k.shape[0])
             pk, pv = prefix_k.index_select(0, idx), prefix_v.index_select(0, idx)
         k = torch.cat([pk, k], dim=2)
         v = torch.cat([pv, v], dim=2)
@@ -54,4 +64,4 @@ def run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, 
     )
     if empty_rows is not None:
         out = out.masked_fill(empty_rows.expand(B, 1, S, 1), 0.0)
-    return out
+    return poison_rows(out, ok)

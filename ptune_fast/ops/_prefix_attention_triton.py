@@ -1,21 +1,31 @@
 """Triton kernels for :func:`ptune_fast.ops.prefix_attention` (flash-attention style).
 
-Forward: one launch, grid ``(cdiv(S, BLOCK_M), B * H)``. Each program keeps an online softmax
-over the prefix blocks (read straight from ``prefix_k/v [Hkv, P, D]`` or the bank row
-``[task_ids[b], Hkv, P, D]``, never expanded nor concatenated) and then over the sequence
-blocks of ``k/v [B, Hkv, T, D]`` (bottom-right causal limit, key padding mask). GQA maps query
-head ``h`` to kv head ``h // (H // Hkv)`` in the kernel. Writes ``out`` and ``lse`` (natural
-log, fp32, ``-inf`` on rows with no visible key, whose output is 0).
+Forward: one launch, 1-D grid ``cdiv(S, BLOCK_M) * B * H`` (query blocks fastest). Each program
+keeps an online softmax over the prefix blocks (read straight from ``prefix_k/v [Hkv, P, D]`` or
+the bank row ``[task_ids[b], Hkv, P, D]``, never expanded nor concatenated) and then over the
+sequence blocks of ``k/v [B, Hkv, T, D]`` (bottom-right causal limit, key padding mask). GQA maps
+query head ``h`` to kv head ``h // (H // Hkv)`` in the kernel. Writes ``out`` through its strides
+(``[B, H, S, D]`` or ``[B, S, H, D]`` memory, no copy) and ``lse`` (natural log, fp32, ``-inf``
+on rows with no visible key, whose output is 0).
 
 Backward (FlashAttention-2 split, no atomics, deterministic):
 
 1. ``_bwd_pre``: ``delta = rowsum(dO * O)`` in fp32;
-2. ``_bwd_dkv``: grid ``(cdiv(P, BLOCK_N) + cdiv(T, BLOCK_N), B * Hkv)``; a program owns one
+2. ``_bwd_dkv``: grid ``(cdiv(P, BLOCK_N) + cdiv(T, BLOCK_N)) * B * Hkv``; a program owns one
    key block and loops over the ``H // Hkv`` query heads of its group and the query blocks.
    Sequence blocks write ``dk/dv``; prefix blocks write an fp32 partial ``[B, Hkv, P, D]``
-   (the row's contribution) that the host sums over the rows (shared prefix) or
-   ``index_add``s into the bank entries (``task_ids``);
-3. ``_bwd_dq``: grid ``(cdiv(S, BLOCK_M), B * H)`` over prefix and sequence blocks.
+   (the row's contribution);
+3. ``_bwd_dq``: grid ``cdiv(S, BLOCK_M) * B * H`` over prefix and sequence blocks;
+4. ``_prefix_grad_reduce``: the prefix gradient, summed over the rows in row order (shared
+   prefix: every row; bank: the rows whose ``task_ids`` names the entry) -- a fixed-order sum,
+   so the bank and prefix gradients are bitwise reproducible run to run.
+
+Grids are 1-D: CUDA caps grid axes y/z at 65,535, x at 2^31 - 1 (:func:`grids`).
+
+Out-of-range bank ids (``task_ids[b]`` outside ``[0, N)``): the kernels read entry 0 instead
+(the address is clamped, nothing is read out of bounds), row ``b``'s output is NaN and its
+gradients (dq, dk, dv of row ``b`` and its contribution to the bank) are 0 -- the semantics of
+:func:`ptune_fast.reference.prefix_attention`, with no host sync.
 
 Dropout (``dropout_p > 0``) drops softmax probabilities with Philox (``tl.rand``): the keep
 decision of score ``(b, h, i, j)`` (``j`` counting prefix columns first) is a pure function of
@@ -23,11 +33,21 @@ decision of score ``(b, h, i, j)`` (``j`` counting prefix columns first) is a pu
 ``seed`` lives in a small int64 device tensor (no host sync); see :func:`dropout_keep_mask`.
 
 ``D`` need not be a power of two (80, 96): tiles are padded to ``BLOCK_D`` with a mask.
-fp32 inputs use IEEE fp32 dots (no TF32) so that fp32 results match the reference.
+
+Configs: :func:`configs_for` is the autotuner's candidate list for a shape, pruned up front by
+head dim, dtype and sequence lengths; for ``D <= 128`` and fp16/bf16 it only holds configs that
+compile with 0 spill bytes and fit shared memory on sm_80 and sm_90
+(``scripts/triton_aot_report.py``, ``tests/test_triton_resources.py``).
+
+fp32: on CUDA, fp32 calls are refused (:func:`why_not`) and served by the ``sdpa`` backend --
+IEEE-fp32 dots take minutes to compile and spill heavily -- unless ``PTUNE_FAST_TRITON_TF32=1``
+opts in to TF32 dots (about 10 mantissa bits in the products; small tiles). Under the
+interpreter fp32 uses IEEE dots so that fp32 results match the reference.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -38,6 +58,9 @@ from ptune_fast import _backend
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+TF32_ENV_VAR = "PTUNE_FAST_TRITON_TF32"
+#: CUDA's grid limits: axis x, axes y and z
+MAX_GRID_X, MAX_GRID_YZ = 2**31 - 1, 65535
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -51,6 +74,20 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _task_entry(TID, b, N_TASKS, IS_BANK: tl.constexpr):
+    """``(entry, ok)``: the bank entry row ``b`` reads and whether ``task_ids[b]`` is in range.
+    An out-of-range id reads entry 0 (never out of bounds); the caller poisons / zeroes the row."""
+    if IS_BANK:
+        n = tl.load(TID + b).to(tl.int64)
+        ok = (n >= 0) & (n < N_TASKS)
+        n = tl.where(ok, n, 0)
+    else:
+        n = b * 0
+        ok = n == 0
+    return n, ok
 
 
 @triton.jit
@@ -86,16 +123,22 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_end, offs
     return acc, l_i, m_i
 
 
-@triton.jit
+# S, T (and the mask stride T) vary call to call: no divisibility specialisation on them, so one
+# compiled variant per config serves every length in an autotune bucket (see ``warmup``).
+_NO_SPECIALIZE = ["S", "T", "skpm", "N_TASKS"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, PK, PV, TID, KPM, O, LSE, RNG,
                 sqb, sqh, sqs, skb, skh, skt, svb, svh, svt,
                 spkn, spkh, spkp, spvn, spvh, spvp, sob, soh, sos, skpm,
-                H, REP, S, T, P, qk_scale, dropout_p, TUNE_S, TUNE_T,
+                H, REP, S, T, P, N_TASKS, qk_scale, dropout_p, TUNE_S, TUNE_T,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, IS_BANK: tl.constexpr,
                 DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_m = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    bh = tl.program_id(0) // n_m
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = (h // REP).to(tl.int64)
@@ -113,10 +156,7 @@ def _fwd_kernel(Q, K, V, PK, PV, TID, KPM, O, LSE, RNG,
         seed = tl.load(RNG)
     qpos = (T - S) + offs_m
 
-    if IS_BANK:
-        n = tl.load(TID + b).to(tl.int64)
-    else:
-        n = 0
+    n, ok = _task_entry(TID, b, N_TASKS, IS_BANK)
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh,
                                spkp, spvp, 0, P, P, offs_m, offs_d, qpos, KPM, rng_row, seed, 0,
                                qk_scale, dropout_p, D, BLOCK_N, False, False, DROPOUT, DOT_PREC)
@@ -132,18 +172,23 @@ def _fwd_kernel(Q, K, V, PK, PV, TID, KPM, O, LSE, RNG,
     out = acc / l_safe[:, None]
     if DROPOUT:
         out = out / (1.0 - dropout_p)
+    if IS_BANK:
+        out = tl.where(ok, out, float("nan"))
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_mask)
     if STORE_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+        if IS_BANK:
+            lse = tl.where(ok, lse, float("nan"))
         tl.store(LSE + bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
 
 @triton.jit
 def _bwd_pre(O, DO, DELTA, sob, soh, sos, sdob, sdoh, sdos, H, S,
              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_m = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    bh = tl.program_id(0) // n_m
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -210,34 +255,35 @@ def _bwd_kv_block(Q, DO, LSE, DELTA, K, V, stride_kn, stride_vn, KPM, seed,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK, DPV,
                     sqb, sqh, sqs, skb, skh, skt, svb, svh, svt,
                     spkn, spkh, spkp, spvn, spvh, spvp, sdob, sdoh, sdos, skpm,
                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-                    H, HKV, REP, S, T, P, scale, qk_scale, dropout_p, TUNE_S, TUNE_T,
+                    H, HKV, REP, S, T, P, N_TASKS, scale, qk_scale, dropout_p, TUNE_S, TUNE_T,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, IS_BANK: tl.constexpr,
                     DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bk = tl.program_id(1)
+    n_pblocks = tl.cdiv(P, BLOCK_N)
+    n_blocks = n_pblocks + tl.cdiv(T, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    bk = tl.program_id(0) // n_blocks
     b = (bk // HKV).to(tl.int64)
     hk = (bk % HKV).to(tl.int64)
-    n_pblocks = tl.cdiv(P, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     seed = 0
     if DROPOUT:
         seed = tl.load(RNG)
+    n, ok = _task_entry(TID, b, N_TASKS, IS_BANK)
     if pid_n < n_pblocks:
-        if IS_BANK:
-            n = tl.load(TID + b).to(tl.int64)
-        else:
-            n = 0
         start_n = pid_n * BLOCK_N
         dk, dv = _bwd_kv_block(Q, DO, LSE, DELTA, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh, spkp,
                                spvp, KPM, seed, sqb, sqh, sqs, sdob, sdoh, sdos, b, hk, start_n, P, 0,
                                H, REP, S, T, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_M, BLOCK_N,
                                False, False, DROPOUT, DOT_PREC)
+        if IS_BANK:  # a row with an out-of-range id contributes nothing
+            dk = tl.where(ok, dk, 0.0)
+            dv = tl.where(ok, dv, 0.0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
         # fp32 partials [B, Hkv, P, D], contiguous; reduced over rows on the host
@@ -250,6 +296,9 @@ def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK,
                                KPM + b * skpm, seed, sqb, sqh, sqs, sdob, sdoh, sdos, b, hk, start_n, T, P,
                                H, REP, S, T, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_M, BLOCK_N,
                                IS_CAUSAL, HAS_KPM, DROPOUT, DOT_PREC)
+        if IS_BANK:
+            dk = tl.where(ok, dk, 0.0)
+            dv = tl.where(ok, dv, 0.0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
         tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -285,16 +334,17 @@ def _bwd_q_block(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, n_en
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DQ,
                    sqb, sqh, sqs, skb, skh, skt, svb, svh, svt,
                    spkn, spkh, spkp, spvn, spvh, spvp, sdob, sdoh, sdos, skpm, sdqb, sdqh, sdqs,
-                   H, REP, S, T, P, scale, qk_scale, dropout_p, TUNE_S, TUNE_T,
+                   H, REP, S, T, P, N_TASKS, scale, qk_scale, dropout_p, TUNE_S, TUNE_T,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, IS_BANK: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_m = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    bh = tl.program_id(0) // n_m
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = (h // REP).to(tl.int64)
@@ -313,10 +363,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DQ,
         seed = tl.load(RNG)
     rng_row = (bh.to(tl.int64) * S + offs_m) * (P + T)
     qpos = (T - S) + offs_m
-    if IS_BANK:
-        n = tl.load(TID + b).to(tl.int64)
-    else:
-        n = 0
+    n, ok = _task_entry(TID, b, N_TASKS, IS_BANK)
     dq = _bwd_q_block(dq, q, do, lse, delta, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh, spkp, spvp,
                       0, P, P, offs_m, offs_d, qpos, KPM, rng_row, seed, 0, qk_scale, dropout_p,
                       D, BLOCK_N, False, False, DROPOUT, DOT_PREC)
@@ -326,8 +373,31 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DQ,
     dq = _bwd_q_block(dq, q, do, lse, delta, K + b * skb + hk * skh, V + b * svb + hk * svh, skt, svt,
                       0, hi, T, offs_m, offs_d, qpos, KPM + b * skpm, rng_row, seed, P, qk_scale, dropout_p,
                       D, BLOCK_N, IS_CAUSAL, HAS_KPM, DROPOUT, DOT_PREC)
+    if IS_BANK:
+        dq = tl.where(ok, dq, 0.0)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _prefix_grad_reduce(PART, TID, OUT, B, N_TASKS, E, IS_BANK: tl.constexpr, BLOCK: tl.constexpr):
+    """``OUT[n, :E] = sum_b PART[b, :E]`` over the rows ``b`` whose ``task_ids[b] == n`` (every row
+    for a shared prefix, ``N_TASKS = 1``), summed in row order: deterministic, no atomics. A row
+    with an out-of-range id matches no entry. 1-D grid ``N_TASKS * cdiv(E, BLOCK)``."""
+    n_blk = tl.cdiv(E, BLOCK)
+    n = tl.program_id(0) // n_blk
+    offs = (tl.program_id(0) % n_blk).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < E
+    acc = tl.zeros([BLOCK], tl.float32)
+    ptr = PART + offs
+    for b in range(0, B):
+        if IS_BANK:
+            hit = (tl.zeros([BLOCK], tl.int64) + tl.load(TID + b)) == n  # (a block: the interpreter
+            acc += tl.load(ptr, mask=in_range & hit, other=0.0)  # rejects a scalar & block mask)
+        else:
+            acc += tl.load(ptr, mask=in_range, other=0.0)
+        ptr += E
+    tl.store(OUT + n.to(tl.int64) * E + offs, acc.to(OUT.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
@@ -342,53 +412,125 @@ def _dropout_mask_kernel(RNG, KEEP, N, dropout_p, BLOCK: tl.constexpr):
 _INTERPRET = _backend.triton_interpret()
 # Under TRITON_INTERPRET=1 autotuning is pointless (and slow): one small fixed config.
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
-_TUNE_KEY = ["TUNE_S", "TUNE_T", "P", "D", "IS_CAUSAL", "HAS_KPM", "DROPOUT"]
+_TUNE_KEY = ["TUNE_S", "TUNE_T", "P", "D", "IS_CAUSAL", "HAS_KPM", "IS_BANK", "DROPOUT"]
+_PRE_BLOCK_M = 64  # _bwd_pre (compiled); 16 under the interpreter
+_REDUCE_BLOCK = 1024  # _prefix_grad_reduce
+
+#: Autotune candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for fp16/bf16 by kernel and
+#: ``BLOCK_D`` (64: D <= 64; 128: D in 65..128): only tiles measured to compile with 0 spill bytes
+#: and to fit shared memory on sm_80 and sm_90, causal or not, dropout or not, bank + padding mask
+#: (the most registers): ``python scripts/triton_aot_report.py``, table in
+#: ``benchmarks/results/triton-aot-2026-12-01.md``.
+_SPILL_FREE = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
+                  (64, 128, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                   (64, 32, 4, 4), (32, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 2)],
+    ("dkv", 64): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3),
+                  (16, 128, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    ("dkv", 128): [(16, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
+    ("dq", 64): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3),
+                 (16, 64, 4, 3), (16, 32, 4, 2)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3),
+                  (16, 64, 4, 3), (16, 32, 4, 2)],
+}
+#: D in 129..256 (BLOCK_D = 256): small tiles; these must run, not necessarily spill-free.
+_WIDE = {"fwd": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)], "dkv": [(16, 32, 4, 2), (16, 16, 4, 2)],
+         "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
+#: fp32 with the TF32 opt-in (PTUNE_FAST_TRITON_TF32=1): fp32 tiles take twice the registers.
+_FP32 = {"fwd": [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)], "dkv": [(16, 64, 4, 2), (16, 32, 4, 2)],
+         "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
+_FIXED = {"pre": [dict(BLOCK_M=_PRE_BLOCK_M)], "reduce": [dict(BLOCK=_REDUCE_BLOCK)]}
 
 
-def _cfgs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem and, for wide heads, tiles that cannot fit."""
-    S, D = named_args["S"], kwargs.get("D", named_args.get("D"))
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > max(16, triton.next_power_of_2(S)):
-            continue
-        if D > 128 and bm * bn > 64 * 64:
-            continue
-        keep.append(c)
+def _cfg(m, n, w, st):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+
+
+def configs_for(kernel: str, D: int, dtype: torch.dtype, S: int, T: int, P: int, dropout: bool = False):
+    """The configs the autotuner may try for ``kernel`` ("fwd", "dkv", "dq"; "pre" and "reduce"
+    have one fixed config) at this shape: chosen by head dim and dtype (spill-free tables above),
+    then pruned by sequence length (no ``BLOCK_M`` above ``S``, no ``BLOCK_N`` above ``max(P, T)``,
+    rounded up to powers of two >= 16). ``dropout`` is accepted for callers that key on it; the
+    tables are spill-free with and without dropout."""
+    if kernel in _FIXED:
+        return [triton.Config(dict(c), num_warps=4, num_stages=2) for c in _FIXED[kernel]]
+    block_d = _block_d(D)
+    if dtype == torch.float32:
+        cands = _FP32[kernel]
+    elif block_d > 128:
+        cands = _WIDE[kernel]
+    else:
+        cands = _SPILL_FREE[(kernel, max(64, block_d))]
+    max_m, max_n = max(16, triton.next_power_of_2(S)), max(16, triton.next_power_of_2(max(P, T)))
+    keep = [c for c in cands if c[0] <= max_m and c[1] <= max_n]
     if not keep:  # always keep the smallest tile
-        keep = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return keep
+        keep = [min(cands, key=lambda c: (c[0] * c[1], c[2]))]
+    return [_cfg(*c) for c in keep]
 
 
-_FWD_CONFIGS = _cfgs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
-                      (64, 128, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 2)])
-_DKV_CONFIGS = _cfgs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3),
-                      (16, 128, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
-_DQ_CONFIGS = _cfgs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3),
-                     (16, 64, 4, 3), (16, 32, 4, 2)])
+def _all_configs(kernel):
+    seen = dict.fromkeys(c for table in (_SPILL_FREE, _WIDE, _FP32) for key, cs in table.items()
+                         if (key[0] if isinstance(key, tuple) else key) == kernel for c in cs)
+    return [_cfg(*c) for c in seen]
+
+
+def _pruner(kernel):
+    def prune(configs, named_args, **kwargs):
+        D = kwargs.get("D", named_args.get("D"))
+        want = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in configs_for(kernel, D, named_args["Q"].dtype, named_args["S"], named_args["T"],
+                                     named_args["P"], bool(kwargs.get("DROPOUT", False)))}
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+    return prune
+
 
 if not _INTERPRET:
-    _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _fwd_kernel)
-    _dkv_tuned = triton.autotune(_DKV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _bwd_dkv_kernel)
-    _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _bwd_dq_kernel)
+    _TUNED = {
+        name: triton.autotune(_all_configs(name), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(name)})(fn)
+        for name, fn in (("fwd", _fwd_kernel), ("dkv", _bwd_dkv_kernel), ("dq", _bwd_dq_kernel))
+    }
 
 
-def _launch(raw, tuned_name, grid, *args, **kwargs):
+def _launch(raw, name, grid, *args, **kwargs):
     if _INTERPRET:
+        _check_grid(grid(_INTERPRET_META))
         raw[grid(_INTERPRET_META)](*args, **kwargs, **_INTERPRET_META)
     else:
-        globals()[tuned_name][grid](*args, **kwargs)
+        _TUNED[name][lambda meta: _check_grid(grid(meta))](*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def _check_grid(grid):
+    if grid[0] > MAX_GRID_X or any(g > MAX_GRID_YZ for g in grid[1:]):
+        raise ValueError(f"prefix_attention: launch grid {grid} exceeds CUDA's limits (x < 2^31, y/z <= 65535)")
+    return grid
+
+
+def grids(B, H, Hkv, S, T, P, D, n_tasks=1, block_m=16, block_n=16) -> dict:
+    """The launch grid of every kernel for a shape (host-side, nothing launched): 1-D grids whose
+    only axis holds the large ``B * H`` (or ``B * Hkv``) product."""
+    return {
+        "fwd": (triton.cdiv(S, block_m) * B * H,),
+        "pre": (triton.cdiv(S, 16 if _INTERPRET else _PRE_BLOCK_M) * B * H,),
+        "dkv": ((triton.cdiv(P, block_n) + triton.cdiv(T, block_n)) * B * Hkv,),
+        "dq": (triton.cdiv(S, block_m) * B * H,),
+        "reduce": (n_tasks * triton.cdiv(Hkv * P * D, _REDUCE_BLOCK),) if P else (0,),
+    }
 
 
 # ----------------------------------------------------------------------------- host side
+
+
+def tf32_allowed() -> bool:
+    """``PTUNE_FAST_TRITON_TF32=1``: let the Triton kernels serve fp32 on CUDA with TF32 dots."""
+    return os.environ.get(TF32_ENV_VAR, "0").strip() == "1"
 
 
 def why_not(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p) -> str:
@@ -406,6 +548,9 @@ def why_not(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, sca
         if t is not None and t.device != q.device:
             return f"{name} is on {t.device}, q on {q.device}"
     if q.is_cuda and not _INTERPRET:
+        if q.dtype == torch.float32 and not tf32_allowed():
+            return (f"fp32 on CUDA: IEEE-fp32 Triton dots compile for minutes and spill; {TF32_ENV_VAR}=1 "
+                    f"opts in to TF32 dots")
         if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
             return "bf16 needs compute capability >= 8.0"
     return ""
@@ -415,17 +560,32 @@ def _lastdim_contig(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _common(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale):
+def _dot_prec(dtype, interpret=None) -> str:
+    interpret = _INTERPRET if interpret is None else interpret
+    if dtype == torch.float32:
+        return "ieee" if interpret else "tf32"  # compiled fp32 only runs with the TF32 opt-in
+    return "upcast" if interpret and dtype == torch.bfloat16 else "tf32"  # (ignored for 16-bit dots)
+
+
+def kernel_constexprs(D, dtype, *, causal, dropout, kpm, bank, store_lse=True, interpret=None) -> dict:
+    """The constexpr arguments (other than the tile sizes) of the fwd/dkv/dq kernels."""
+    return dict(D=D, BLOCK_D=_block_d(D), IS_CAUSAL=bool(causal), HAS_KPM=bool(kpm), IS_BANK=bool(bank),
+                DROPOUT=bool(dropout), STORE_LSE=bool(store_lse), DOT_PREC=_dot_prec(dtype, interpret))
+
+
+def _common(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale, causal, dropout_p):
     B, H, S, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+    n_tasks = 1
     if P:
         pk, pv = _lastdim_contig(prefix_k), _lastdim_contig(prefix_v)
         bank = pk.dim() == 4
         pk_strides = (pk.stride(0), pk.stride(1), pk.stride(2)) if bank else (0, pk.stride(0), pk.stride(1))
         pv_strides = (pv.stride(0), pv.stride(1), pv.stride(2)) if bank else (0, pv.stride(0), pv.stride(1))
         tid = task_ids.contiguous() if bank else q
+        n_tasks = pk.shape[0] if bank else 1
     else:
         pk = pv = tid = q
         bank, pk_strides, pv_strides = False, (0, 0, 0), (0, 0, 0)
@@ -435,17 +595,10 @@ def _common(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale):
     else:
         kpm = q
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    meta = dict(
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_KPM=key_padding_mask is not None, IS_BANK=bank,
-        DOT_PREC=_dot_prec(q.dtype),
-    )
-    return (B, H, S, D, Hkv, T, P, scale), (q, k, v, pk, pv, tid, kpm), (pk_strides, pv_strides), meta
-
-
-def _dot_prec(dtype) -> str:
-    if dtype == torch.float32:
-        return "ieee"  # no TF32: fp32 inputs get fp32 accuracy
-    return "upcast" if _INTERPRET and dtype == torch.bfloat16 else "tf32"  # (ignored for 16-bit dots)
+    meta = kernel_constexprs(D, q.dtype, causal=causal, dropout=dropout_p > 0.0, kpm=key_padding_mask is not None,
+                             bank=bank)
+    dims = (B, H, S, D, Hkv, T, P, n_tasks, scale)
+    return dims, (q, k, v, pk, pv, tid, kpm), (pk_strides, pv_strides), meta
 
 
 def new_rng_state(device) -> torch.Tensor:
@@ -454,26 +607,30 @@ def new_rng_state(device) -> torch.Tensor:
 
 
 def forward(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p,
-            need_lse=True, rng=None):
-    """Returns ``(out [B,H,S,D] q.dtype, lse [B,H,S] fp32 (or empty), rng int64 [1] (or empty))``."""
-    (B, H, S, D, Hkv, T, P, scale), (q, k, v, pk, pv, tid, kpm), (pks, pvs), meta = _common(
-        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale)
-    out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
+            need_lse=True, rng=None, out_bshd=False):
+    """Returns ``(out, lse [B,H,S] fp32 (or empty), rng int64 [1] (or empty))``; ``out`` is
+    ``[B,H,S,D]``, or with ``out_bshd`` a contiguous ``[B,S,H,D]`` written in place by the kernel."""
+    (B, H, S, D, Hkv, T, P, n_tasks, scale), (q, k, v, pk, pv, tid, kpm), (pks, pvs), meta = _common(
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale, causal, dropout_p)
+    if out_bshd:
+        out_mem = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+        out = out_mem.transpose(1, 2)  # the kernel's [B, H, S, D] view of [B, S, H, D] memory
+    else:
+        out_mem = out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S) if need_lse else (0,), dtype=torch.float32, device=q.device)
-    dropout = dropout_p > 0.0
+    dropout = meta["DROPOUT"]
     if dropout and rng is None:
         rng = new_rng_state(q.device)
     if not dropout:
         rng = torch.empty((0,), dtype=torch.int64, device=q.device)
-    grid = lambda META: (triton.cdiv(S, META["BLOCK_M"]), B * H)  # noqa: E731
-    _launch(_fwd_kernel, "_fwd_tuned", grid,
+    meta["STORE_LSE"] = need_lse
+    _launch(_fwd_kernel, "fwd", lambda META: grids(B, H, Hkv, S, T, P, D, block_m=META["BLOCK_M"])["fwd"],
             q, k, v, pk, pv, tid, kpm, out, lse, rng if dropout else q,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *pks, *pvs, out.stride(0), out.stride(1), out.stride(2),
             kpm.stride(0) if meta["HAS_KPM"] else 0,
-            H, H // Hkv, S, T, P, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T),
-            IS_CAUSAL=bool(causal), DROPOUT=dropout, STORE_LSE=need_lse, **meta)
-    return out, lse, rng
+            H, H // Hkv, S, T, P, n_tasks, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T), **meta)
+    return out_mem, lse, rng
 
 
 def _bucket(n: int) -> int:
@@ -484,16 +641,17 @@ def _bucket(n: int) -> int:
 def backward(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng,
              causal, scale, dropout_p):
     """Returns ``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix grads are None without a prefix,
-    have the prefix's shape (shared: summed over rows; bank: per entry) and dtype otherwise."""
-    (B, H, S, D, Hkv, T, P, scale), (q, k, v, pk, pv, tid, kpm), (pks, pvs), meta = _common(
-        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale)
+    have the prefix's shape (shared: summed over rows; bank: per entry) and dtype otherwise.
+    ``dout`` and ``out`` are ``[B,H,S,D]`` with any strides (e.g. views of ``[B,S,H,D]`` memory)."""
+    (B, H, S, D, Hkv, T, P, n_tasks, scale), (q, k, v, pk, pv, tid, kpm), (pks, pvs), meta = _common(
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, scale, causal, dropout_p)
+    meta.pop("STORE_LSE")
     dout = _lastdim_contig(dout)
     out = _lastdim_contig(out)
     dev = q.device
-    dropout = dropout_p > 0.0
     delta = torch.empty((B, H, S), dtype=torch.float32, device=dev)
-    bm_pre = 16 if _INTERPRET else 64
-    _bwd_pre[(triton.cdiv(S, bm_pre), B * H)](
+    bm_pre = 16 if _INTERPRET else _PRE_BLOCK_M
+    _bwd_pre[_check_grid(grids(B, H, Hkv, S, T, P, D)["pre"])](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), H, S, D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm_pre)
     dq = torch.empty((B, H, S, D), dtype=q.dtype, device=dev)
@@ -504,39 +662,34 @@ def backward(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out,
         dpv_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
     else:
         dpk_part = dpv_part = delta
-    rng_arg = rng if dropout else q
-    common = dict(IS_CAUSAL=bool(causal), DROPOUT=dropout, **meta)
-    grid_kv = lambda META: (triton.cdiv(P, META["BLOCK_N"]) + triton.cdiv(T, META["BLOCK_N"]), B * Hkv)  # noqa
-    _launch(_bwd_dkv_kernel, "_dkv_tuned", grid_kv,
-            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dk, dv, dpk_part, dpv_part,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *pks, *pvs, dout.stride(0), dout.stride(1), dout.stride(2),
-            kpm.stride(0) if meta["HAS_KPM"] else 0,
+    rng_arg = rng if meta["DROPOUT"] else q
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), *pks, *pvs, dout.stride(0), dout.stride(1), dout.stride(2),
+               kpm.stride(0) if meta["HAS_KPM"] else 0)
+    _launch(_bwd_dkv_kernel, "dkv", lambda META: grids(B, H, Hkv, S, T, P, D, block_n=META["BLOCK_N"])["dkv"],
+            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dk, dv, dpk_part, dpv_part, *strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            H, Hkv, H // Hkv, S, T, P, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T), **common)
-    grid_q = lambda META: (triton.cdiv(S, META["BLOCK_M"]), B * H)  # noqa: E731
-    _launch(_bwd_dq_kernel, "_dq_tuned", grid_q,
-            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dq,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *pks, *pvs, dout.stride(0), dout.stride(1), dout.stride(2),
-            kpm.stride(0) if meta["HAS_KPM"] else 0, dq.stride(0), dq.stride(1), dq.stride(2),
-            H, H // Hkv, S, T, P, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T), **common)
+            H, Hkv, H // Hkv, S, T, P, n_tasks, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T),
+            **meta)
+    _launch(_bwd_dq_kernel, "dq", lambda META: grids(B, H, Hkv, S, T, P, D, block_m=META["BLOCK_M"])["dq"],
+            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dq, *strides,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, H // Hkv, S, T, P, n_tasks, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T), **meta)
     dpk = dpv = None
     if P:
-        if meta["IS_BANK"]:
-            idx = task_ids.long()
-            dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=dev).index_add_(0, idx, dpk_part)
-            dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=dev).index_add_(0, idx, dpv_part)
-        else:
-            dpk, dpv = dpk_part.sum(0), dpv_part.sum(0)
-        dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=dev)
+        dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=dev)
+        grid = _check_grid(grids(B, H, Hkv, S, T, P, D, n_tasks=n_tasks)["reduce"])
+        for part, grad in ((dpk_part, dpk), (dpv_part, dpv)):
+            _prefix_grad_reduce[grid](part, tid, grad, B, n_tasks, Hkv * P * D, IS_BANK=meta["IS_BANK"],
+                                      BLOCK=_REDUCE_BLOCK)
     return dq, dk, dv, dpk, dpv
 
 
-def run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p):
-    """Forward only (no LSE kept): ``out [B,H,S,D]``."""
+def run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p, out_bshd=False):
+    """Forward only (no LSE kept): ``out [B,H,S,D]`` (or ``[B,S,H,D]`` with ``out_bshd``)."""
     return forward(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p,
-                   need_lse=False)[0]
+                   need_lse=False, out_bshd=out_bshd)[0]
 
 
 def dropout_keep_mask(rng, B, H, S, P, T, dropout_p) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ptune_fast import _backend
+from ptune_fast import _backend, reference
 
 __all__ = ["decode_attention", "why_not", "run", "HEAD_DIMS", "MAX_QUERIES", "DTYPES"]
 
@@ -187,9 +187,7 @@ def decode_attention(
     Raises :class:`ptune_fast._backend.BackendUnavailable` (with the reason) when the kernel
     cannot run the call: extension not built, not CUDA, grad needed, S > 8, dtype, head dim.
     """
-    from ptune_fast.ops.prefix_attention import check_inputs
-
-    check_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, 0.0)
+    reference.check_prefix_attention_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, 0.0)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     if prefix_k is not None and prefix_k.shape[-2] == 0:

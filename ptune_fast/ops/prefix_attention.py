@@ -6,7 +6,9 @@ Backends (see :mod:`ptune_fast._backend`):
 
 * ``cuda``      -- ``ptune_fast._C`` decode kernel (1..8 query tokens, no autograd, fp16/bf16);
   skipped whenever an input requires grad;
-* ``triton``    -- fused flash-attention forward/backward (``_prefix_attention_triton``);
+* ``triton``    -- fused flash-attention forward/backward (``_prefix_attention_triton``), fp16/bf16
+  on CUDA; fp32 CUDA calls fall back to ``sdpa`` (counted in ``_backend.FALLBACKS``) unless
+  ``PTUNE_FAST_TRITON_TF32=1`` lets Triton serve them with TF32 dots;
 * ``sdpa``      -- PyTorch's fused SDPA over ``[prefix ; k/v]`` concatenated inside the call
   (``_prefix_attention_sdpa``): the CPU path, and the CUDA fallback when Triton cannot serve;
   in eager mode it runs outside the registered op, with PyTorch's native autograd;
@@ -19,7 +21,10 @@ Layouts (the reference's)::
     prefix_k/v        [Hkv, P, D]      one prefix shared by every row, or
                       [N, Hkv, P, D]   a bank, with task_ids [B] (int32/int64) naming each row's entry
     key_padding_mask  [B, T] bool      True = real token (the prefix is never masked)
-    out               [B, H,   S, D]   in q.dtype
+    out               [B, H,   S, D]   in q.dtype, or [B, S, H, D] (contiguous) with out_layout="bshd"
+
+A bank row whose task id is outside ``[0, N)`` outputs NaN and gets zero gradients, on every
+backend, without a host sync (see :mod:`ptune_fast.reference`).
 
 Causal alignment is bottom-right: query ``i`` sits at sequence position ``T - S + i``. P = 2,
 T = 4, S = 2::
@@ -32,10 +37,19 @@ T = 4, S = 2::
 The backend is chosen *inside* the registered op (opaque to ``torch.compile``: no graph break
 at the call, and the env var ``PTUNE_FAST_BACKEND`` / the counters are read at run time).
 The backward re-runs the same choice (a forced backend must be forced for both).
+
+Determinism: the Triton backward has no atomics (bank / prefix gradients are summed over rows in
+row order), so its gradients are bitwise reproducible. The ``sdpa``/``reference`` backwards take
+the bank gradient from autograd's ``index_select`` backward (atomics on CUDA: reproducible there
+only under ``torch.use_deterministic_algorithms(True)``).
+
+Compile ahead: :func:`warmup` runs (and so autotunes and compiles) the Triton kernels for a set of
+shapes, e.g. before CUDA-graph capture, where a first-call autotune cannot run.
 """
 
 import contextlib
-from typing import Optional
+import importlib
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -43,58 +57,13 @@ from ptune_fast import _backend, reference
 
 OP = "prefix_attention"
 Tensor = torch.Tensor
+# the module (``ptune_fast.ops.decode_attention`` is the function once the package is imported)
+_dec = importlib.import_module("ptune_fast.ops.decode_attention")
 
 
-def check_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, dropout_p):
-    """Validate shapes/dtypes; raise ValueError/TypeError naming the argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D ([B, H, S, D] / [B, Hkv, T, D]), got shape {tuple(t.shape)}")
-    B, H, S, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k must be [B={B}, Hkv, T, D={D}], got {tuple(k.shape)}")
-    Hkv, T = k.shape[1], k.shape[2]
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    if S < 1:
-        raise ValueError(f"q must hold at least one query (S >= 1), got S={S}")
-    if causal and T < S:
-        raise ValueError(f"causal attention needs T >= S (k holds the cache + the new tokens), got T={T}, S={S}")
-    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if (prefix_k is None) != (prefix_v is None):
-        raise ValueError("prefix_k and prefix_v must be given together")
-    if prefix_k is not None:
-        if prefix_k.shape != prefix_v.shape:
-            raise ValueError(
-                f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
-            )
-        if prefix_k.dim() not in (3, 4) or prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D:
-            raise ValueError(
-                f"prefix_k must be [Hkv={Hkv}, P, D={D}] (shared) or [N, Hkv={Hkv}, P, D={D}] (bank), "
-                f"got {tuple(prefix_k.shape)}"
-            )
-        if prefix_k.dtype != q.dtype or prefix_v.dtype != q.dtype:
-            raise TypeError(f"prefix_k/prefix_v dtype must equal q's ({q.dtype}), got {prefix_k.dtype}")
-        if prefix_k.dim() == 4:
-            if task_ids is None:
-                raise ValueError("task_ids [B] is required when prefix_k is a bank [N, Hkv, P, D]")
-            if task_ids.shape != (B,) or task_ids.dtype not in (torch.int32, torch.int64):
-                raise ValueError(
-                    f"task_ids must be an int32/int64 tensor of shape [B={B}], got {task_ids.dtype} {tuple(task_ids.shape)}"
-                )
-        elif task_ids is not None:
-            raise ValueError("task_ids is only meaningful with a prefix bank [N, Hkv, P, D]")
-    elif task_ids is not None:
-        raise ValueError("task_ids given without a prefix")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
-        raise ValueError(f"key_padding_mask must be [B={B}, T={T}] (True = real token), got {tuple(key_padding_mask.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+#: Input validation shared with ``decode_attention`` (lives in the reference: no import cycle).
+check_inputs = reference.check_prefix_attention_inputs
+OUT_LAYOUTS = ("bhsd", "bshd")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -112,8 +81,12 @@ def prefix_attention(
     causal: bool = True,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    out_layout: str = "bhsd",
 ) -> torch.Tensor:
-    """Attention of ``q [B,H,S,D]`` over ``[prefix ; k/v]``; returns ``out [B,H,S,D]`` (q.dtype).
+    """Attention of ``q [B,H,S,D]`` over ``[prefix ; k/v]``; returns ``out [B,H,S,D]`` (q.dtype),
+    or with ``out_layout="bshd"`` a contiguous ``out [B,S,H,D]`` -- the layout transformers'
+    attention functions return -- that the Triton kernel writes directly (no transpose copy;
+    other backends copy).
 
     See the module docstring for layouts and the bottom-right causal alignment; semantics are
     exactly :func:`ptune_fast.reference.prefix_attention`'s (prefix always visible, GQA by
@@ -124,18 +97,94 @@ def prefix_attention(
     one gradient per entry). Works under ``torch.compile(fullgraph=True)``.
     """
     check_inputs(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, dropout_p)
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
+    bshd = out_layout == "bshd"
     if prefix_k is not None and prefix_k.shape[-2] == 0:
         prefix_k = prefix_v = task_ids = None
     if not torch.compiler.is_compiling() and not q.is_cuda and _backend.forced_backend() in (None, "sdpa"):
         # eager CPU: PyTorch's fused SDPA with its native autograd (no recompute in backward)
         _backend.served(OP, "sdpa")
-        return _sdpa_run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, bool(causal), scale, dropout_p)
+        out = _sdpa_run(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, bool(causal), scale, dropout_p)
+        return _to_layout(out, bshd)
     need_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     out, _lse, _rng = _prefix_attention_op(
         q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, bool(causal),
-        None if scale is None else float(scale), float(dropout_p), need_grad,
+        None if scale is None else float(scale), float(dropout_p), need_grad, bshd,
     )
     return out
+
+
+def _to_layout(out: Tensor, bshd: bool) -> Tensor:
+    """``[B,H,S,D]`` -> contiguous ``[B,H,S,D]`` or ``[B,S,H,D]``."""
+    return out.transpose(1, 2).contiguous() if bshd else out.contiguous()
+
+
+def _drop_empty_prefix(args):
+    """A ``P = 0`` prefix is no prefix (the registered op may get one directly)."""
+    if args[3] is not None and args[3].shape[-2] == 0:
+        return args[:3] + (None, None, None) + args[6:]
+    return args
+
+
+def warmup(
+    shapes: Iterable[Sequence[int]],
+    dtype: torch.dtype = torch.bfloat16,
+    device="cuda",
+    *,
+    causal: bool = True,
+    key_padding_mask: bool = True,
+    n_tasks: Optional[int] = None,
+    task_ids_dtype: torch.dtype = torch.int64,
+    dropout_p: float = 0.0,
+    train: bool = True,
+    inference: bool = True,
+) -> list:
+    """Compile (and autotune) now what ``prefix_attention`` will need for ``shapes``, so that no
+    first call compiles -- e.g. before CUDA-graph capture, where autotuning cannot run.
+
+    ``shapes``: ``(B, H, Hkv, S, T, P, D)`` tuples. The Triton autotuner keys on the power-of-two
+    buckets of ``S`` and ``T`` (>= 16), ``P``, ``D``, dtype, causal, padding mask, bank, dropout;
+    kernels do not specialise on ``S``/``T`` themselves, so one shape per (S bucket, T bucket)
+    suffices. ``n_tasks``: a bank of that many entries (``task_ids`` of ``task_ids_dtype``), else a
+    shared prefix. ``train``: a forward with autograd + backward; ``inference``: a forward under
+    ``torch.no_grad`` (another kernel variant: no LSE). Random inputs; nothing is kept.
+
+    Returns one ``(shape, backend)`` per forward run, e.g. to check that Triton served them (on
+    CPU the ``sdpa`` backend serves and nothing is compiled).
+    """
+    served = []
+    for shape in shapes:
+        B, H, Hkv, S, T, P, D = (int(x) for x in shape)
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def rnd(*size):
+            return torch.randn(*size, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+        bank = bool(n_tasks) and P > 0
+        pshape = (n_tasks, Hkv, P, D) if bank else (Hkv, P, D)
+        kw = dict(prefix_k=rnd(*pshape) if P else None, prefix_v=rnd(*pshape) if P else None, causal=causal,
+                  task_ids=(torch.arange(B, device=device) % n_tasks).to(task_ids_dtype) if bank else None,
+                  key_padding_mask=torch.ones(B, T, dtype=torch.bool, device=device) if key_padding_mask else None,
+                  dropout_p=dropout_p)
+        for grad in ((True,) if train else ()) + ((False,) if inference else ()):
+            q, k, v = rnd(B, H, S, D), rnd(B, Hkv, T, D), rnd(B, Hkv, T, D)
+            leaves = [t for t in (q, k, v, kw["prefix_k"], kw["prefix_v"]) if t is not None] if grad else []
+            for t in leaves:
+                t.requires_grad_(True)
+            before = dict(_backend.CALLS)
+            with torch.set_grad_enabled(grad):
+                out = prefix_attention(q, k, v, **kw)
+                if grad:
+                    torch.autograd.grad(out, leaves, torch.ones_like(out))
+            backend = next((b for (op, b), n in _backend.CALLS.items() if op == OP and n > before.get((op, b), 0)),
+                           None)
+            served.append((tuple(shape), backend))
+            for t in leaves:
+                t.requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return served
 
 
 def select_backend(args, need_grad: bool, phase: str = "forward") -> str:
@@ -216,46 +265,53 @@ def _new_rng(q, dropout_p):
 def _prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
     task_ids: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, scale: Optional[float],
-    dropout_p: float, need_grad: bool,
+    dropout_p: float, need_grad: bool, out_bshd: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(out [B,H,S,D], lse [B,H,S] fp32 or [0] when not need_grad, rng int64 [1] or [0])``."""
-    args = (q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
+    """Returns ``(out [B,H,S,D] (or [B,S,H,D] with out_bshd), lse [B,H,S] fp32 or [0] when not
+    need_grad, rng int64 [1] or [0])``."""
+    args = _drop_empty_prefix((q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p))
     backend = select_backend(args, need_grad)
     if backend == "triton":
         from ptune_fast.ops import _prefix_attention_triton as tri
 
-        return tri.forward(*args, need_lse=need_grad, rng=_new_rng(q, dropout_p))
+        return tri.forward(*args, need_lse=need_grad, rng=_new_rng(q, dropout_p), out_bshd=out_bshd)
     if backend == "cuda":
-        return _cuda_run(*args).contiguous(), _empty(q, torch.float32), _new_rng(q, 0.0)
+        return _to_layout(_cuda_run(*args), out_bshd), _empty(q, torch.float32), _new_rng(q, 0.0)
     if backend == "sdpa":
         rng = _new_rng(q, dropout_p)
         with _seeded(rng, q.device):
             out = _sdpa_run(*args)
         B, H, S, _ = q.shape  # no LSE from SDPA: the backward recomputes (placeholder keeps the shape)
         lse = q.new_zeros((B, H, S), dtype=torch.float32) if need_grad else _empty(q, torch.float32)
-        return out.contiguous(), lse, rng
+        return _to_layout(out, out_bshd), lse, rng
     rng = _new_rng(q, dropout_p)
     with _seeded(rng, q.device):
         out, lse = reference.prefix_attention(*args, return_lse=True)
-    return out.contiguous(), (lse.float().contiguous() if need_grad else _empty(q, torch.float32)), rng
+    return _to_layout(out, out_bshd), (lse.float().contiguous() if need_grad else _empty(q, torch.float32)), rng
 
 
 @_prefix_attention_op.register_fake
 def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p,
-                           need_grad):
-    B, H, S, _ = q.shape
+                           need_grad, out_bshd=False):
+    B, H, S, D = q.shape
     lse = q.new_empty((B, H, S) if need_grad else (0,), dtype=torch.float32)
-    return q.new_empty(q.shape), lse, q.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+    out = q.new_empty((B, S, H, D) if out_bshd else (B, H, S, D))
+    return out, lse, q.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
 
 
 @torch.library.custom_op("ptune_fast::prefix_attention_backward", mutates_args=())
 def _prefix_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
     task_ids: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, rng: Tensor,
-    causal: bool, scale: Optional[float], dropout_p: float,
+    causal: bool, scale: Optional[float], dropout_p: float, out_bshd: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix grads are ``[0]`` without a prefix."""
-    args = (q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
+    """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix grads are ``[0]`` without a prefix and
+    zeros of the prefix's shape for a ``P = 0`` prefix. ``dout``/``out`` are in the forward's layout."""
+    if out_bshd:  # the kernels take any strides: [B,H,S,D] views of the [B,S,H,D] memory
+        dout, out = dout.transpose(1, 2), out.transpose(1, 2)
+    pk_in, pv_in = prefix_k, prefix_v
+    args = _drop_empty_prefix((q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p))
+    empty_prefix = prefix_k is not None and args[3] is None
     backend = select_backend(args, True, phase="backward")
     if backend == "triton":
         from ptune_fast.ops import _prefix_attention_triton as tri
@@ -263,6 +319,7 @@ def _prefix_attention_backward_op(
         grads = tri.backward(dout, *args[:7], out, lse, rng, causal, scale, dropout_p)
     else:
         # Recompute + vjp. torch.func works here although the op runs below the Autograd key.
+        prefix_k, prefix_v, task_ids = args[3:6]
         has_prefix = prefix_k is not None
 
         fwd = _sdpa_run if backend == "sdpa" else reference.prefix_attention
@@ -275,22 +332,24 @@ def _prefix_attention_backward_op(
         with _seeded(rng, q.device), _without_saved_tensor_hooks():
             _, vjp = torch.func.vjp(f, *wrt)
             grads = list(vjp(dout.to(q.dtype))) + ([] if has_prefix else [None, None])
+    if empty_prefix:
+        grads = (*grads[:3], torch.zeros_like(pk_in), torch.zeros_like(pv_in))
     return tuple(g.contiguous() if g is not None else _empty(q) for g in grads)
 
 
 @_prefix_attention_backward_op.register_fake
 def _prefix_attention_backward_fake(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng,
-                                    causal, scale, dropout_p):
+                                    causal, scale, dropout_p, out_bshd=False):
     pk = prefix_k.new_empty(prefix_k.shape) if prefix_k is not None else q.new_empty((0,))
     pv = prefix_v.new_empty(prefix_v.shape) if prefix_v is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), pk, pv
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p, _need_grad = inputs
+    q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p, _need_grad, bshd = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.out_bshd = causal, scale, dropout_p, bshd
     ctx.has_prefix = prefix_k is not None
 
 
@@ -300,11 +359,11 @@ def _backward(ctx, dout, _dlse, _drng):
         raise RuntimeError(f"{OP}: the forward ran without autograd (need_grad=False); cannot backpropagate")
     dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(
         dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out, lse, rng,
-        ctx.causal, ctx.scale, ctx.dropout_p,
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.out_bshd,
     )
     if not ctx.has_prefix:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
 
 
 _prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -353,15 +412,11 @@ def _cuda_why_not(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causa
     ext, why = _backend.cuda_extension()
     if ext is None:
         return why
-    from ptune_fast.ops import decode_attention as dec
-
-    return dec.why_not(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
+    return _dec.why_not(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, scale, dropout_p)
 
 
 def _cuda_run(*args):
-    from ptune_fast.ops import decode_attention as dec
-
-    return dec.run(*args)
+    return _dec.run(*args)
 
 
 _BACKENDS = {
