@@ -211,8 +211,10 @@ def parse(argv=None):
     ap.add_argument("--preset", choices=C.PRESETS, help="case grid and model size (default: small on cpu, 1b on cuda)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the preset's")
-    ap.add_argument("--only", nargs="+", choices=MEASUREMENTS, help="run only these measurements")
-    ap.add_argument("--methods", nargs="+", choices=C.METHODS, help="only cases of these methods")
+    ap.add_argument("--only", nargs="+", choices=MEASUREMENTS, metavar="MEASUREMENT",
+                    help=f"run only these measurements: {', '.join(MEASUREMENTS)}")
+    ap.add_argument("--methods", nargs="+", choices=C.METHODS, metavar="METHOD",
+                    help=f"only cases of these methods: {', '.join(C.METHODS)}")
     ap.add_argument("--batches", nargs="+", type=int, help="only cases with these batch sizes")
     ap.add_argument("--warmup", type=int, help="untimed calls per implementation (default: the preset's)")
     ap.add_argument("--repeat", type=int, help="timed calls per implementation (default: the preset's)")
