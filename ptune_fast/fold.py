@@ -21,12 +21,18 @@ from torch import nn
 from ptune_fast.encoders import encode
 
 
-def _fold_peft_encoder(enc: nn.Module) -> list:
-    removed = [n for n in ("transform", "mlp_head", "lstm_head") if getattr(enc, n, None) is not None]
+_HEADS = ("transform", "mlp_head", "lstm_head")
+
+
+def _heads(enc: nn.Module) -> list:
+    return [n for n in _HEADS if getattr(enc, n, None) is not None and not isinstance(getattr(enc, n), nn.Identity)]
+
+
+def _fold_peft_encoder(enc: nn.Module, out: torch.Tensor) -> list:
+    """Replace ``enc``'s heads by its output ``out`` (computed beforehand) in place."""
+    removed = _heads(enc)
     if not removed:
         return []
-    with torch.no_grad():
-        out = encode(enc).detach().float().clone()
     for n in removed:
         delattr(enc, n)
     enc.embedding = nn.Embedding.from_pretrained(out, freeze=True)
@@ -40,6 +46,11 @@ def _fold_peft_encoder(enc: nn.Module) -> list:
 
 
 def fold(model, deep: Optional[bool] = None) -> dict:
+    """Fold a TaskBank or a patched PEFT model in place (see the module docstring).
+
+    Validate first, then act: everything that can fail (arguments, the model, the encoder's
+    output, the deep fold's virtual-token pass) runs before the model is changed, so a failed
+    fold leaves the model exactly as it was (outputs, trainable parameters, config)."""
     from ptune_fast.bank import TaskBank
     from ptune_fast.integrations.peft import is_patched
 
@@ -48,26 +59,37 @@ def fold(model, deep: Optional[bool] = None) -> dict:
     if not is_patched(model):
         raise TypeError(f"fold() expects a ptune_fast.TaskBank or a PEFT model patched by ptune_fast.patch(), "
                         f"got {type(model).__name__}")
+    if deep not in (None, True, False):
+        raise TypeError(f"deep must be None, True or False, got {deep!r}")
     patch = model._ptune_fast_patch
+    patch.check_adapter()
+    want_deep = patch.shared if deep is None else deep
+    if want_deep and not patch.shared:
+        raise ValueError(
+            f"deep=True: deep folding needs prompt tuning / P-tuning on a causal-LM decoder served with the shared "
+            f"pass (got {patch.method} on {patch.hf_model.config.model_type!r}); prefix tuning's folded table "
+            "already is its per-layer K/V (use deep=False), and bidirectional encoders cannot be deep-folded because "
+            "their virtual tokens attend to the row's tokens"
+        )
     enc = model.prompt_encoder[patch.adapter]
-    report = {"method": patch.method, "removed": _fold_peft_encoder(enc), "static": {}}
+    # ---- compute (nothing changes yet)
+    with torch.no_grad():
+        out = encode(enc).detach().float().clone() if _heads(enc) else None
+        if want_deep:
+            state = patch.state
+            state.clear()
+            try:
+                state.refresh()  # the encoder as it is: its output equals the folded table's
+                keys, values, extra = state.keys.detach(), state.values.detach(), dict(state.extra)
+            finally:
+                state.clear()
+    # ---- act
+    report = {"method": patch.method, "removed": [] if out is None else _fold_peft_encoder(enc, out), "static": {}}
     model.peft_config[patch.adapter].inference_mode = True  # PEFT saves the folded table as it is
     for p in enc.parameters():
         p.requires_grad_(False)
     report["static"]["tokens"] = tuple(enc.embedding.weight.shape)
-    want_deep = patch.shared if deep is None else deep
     if want_deep:
-        if not patch.shared:
-            raise ValueError(
-                "deep folding needs prompt tuning / P-tuning on a causal-LM decoder served with the shared pass "
-                f"(got {patch.method} on {patch.hf_model.config.model_type!r}); bidirectional encoders cannot be "
-                "deep-folded because their virtual tokens attend to the row's tokens"
-            )
-        state = patch.state
-        with torch.no_grad():
-            state.clear()
-            state.refresh()
-        keys, values, extra = state.keys.detach(), state.values.detach(), dict(state.extra)
 
         def static():
             state.extra.update(extra)

@@ -6,9 +6,16 @@ import torch
 
 import ptune_fast
 from ptune_fast import PromptAdapter, TaskBank
+from ptune_fast.integrations import core
 from tests.models import batch, peft_model, tiny_model
 
 pytest.importorskip("peft")
+
+# A bank mixing prompt-method and prefix-tuning tasks needs the attachment's per-task position
+# policy (integrations/core.py); until it is there these tests are expected to fail.
+needs_per_task_positions = pytest.mark.xfail(
+    not getattr(core, "PER_TASK_POSITION_POLICY", False), strict=True,
+    reason="integrations/core.py lacks the per-task position policy (issue 10 item 9)")
 
 
 def _peft_encoder_into(adapter, pm):
@@ -45,6 +52,7 @@ def _three_task_bank(hf):
             "pt": PromptAdapter.p_tuning(hf, 4, "LSTM", 16), "prm": PromptAdapter.prompt_tuning(hf, 4)}
 
 
+@needs_per_task_positions
 def test_mixed_bank_equals_each_task_alone():
     hf = tiny_model("llama")
     adapters = _three_task_bank(hf)
@@ -106,9 +114,11 @@ def test_fold_patched_peft(method):
     pm = peft_model("llama", method, n=6)
     ids, mask, _ = batch("llama", 3, 7, "left")
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1)
+    # generate: PEFT's semantics from the PEFT-free oracle (PEFT 0.21.2's own generate is broken
+    # on transformers 5.24, see test_bank_generate_equals_each_peft_model_left_padded)
+    ref_gen = _greedy_oracle(tiny_model("llama"), pm, ids, mask, 5)
     with torch.no_grad():
         ref = pm(input_ids=ids, attention_mask=mask).logits
-        ref_gen = pm.generate(**kw)
         ptune_fast.patch(pm)
         report = ptune_fast.fold(pm)
         got = pm(input_ids=ids, attention_mask=mask).logits
@@ -154,7 +164,7 @@ def test_fold_refuses_bidirectional():
     ptune_fast.patch(pm)
     with pytest.raises(ValueError, match="bidirectional"):
         ptune_fast.fold(pm, deep=True)
-    with pytest.raises(ValueError, match="causal decoder"):
+    with pytest.raises(ValueError, match="causal"):
         PromptAdapter.prompt_tuning(tiny_model("bert"), 4)
 
 
@@ -215,8 +225,7 @@ def test_bad_files_leave_bank_unchanged(tmp_path):
             bank.load_task("x", str(tmp_path / bad))
     with pytest.raises(ValueError, match="neither a ptune_fast adapter"):
         bank.load_task("x", str(tmp_path / "missing"))
-    other = tiny_model("qwen2")  # another model: different head_dim/layout
-    other.config.num_hidden_layers = 3
+    other = tiny_model("gpt2")  # another model: 4 KV heads of 16, not 2
     with pytest.raises(ValueError, match="another model"):
         TaskBank.from_pretrained(other, {"pre": str(tmp_path / "pre")})
     assert bank.task_names == ["pre"]
@@ -245,3 +254,143 @@ def test_prompt_embedding_inits():
         PromptEmbedding(4, 64, "text", init_token_ids=[1])
     with pytest.raises(ValueError, match="init must be"):
         PromptEmbedding(4, 64, "zeros")
+
+
+# ---------------------------------------------------------------------- PEFT models in, PEFT models as reference
+def _pms(kind, methods):
+    """PEFT models of one tiny base model (same seed: same base weights), encoders differing."""
+    return {name: peft_model(kind, m) for name, m in methods.items()}
+
+
+@torch.no_grad()
+def _greedy_oracle(hf, pm, ids, mask, steps):
+    """PEFT's generate semantics for ``pm``'s adapter, through the plain ``hf`` model, without a
+    cache or generate's bookkeeping: prompt methods prepend the virtual tokens (positions
+    0..n+S-1 whatever the padding: PEFT drops position ids for them); prefix tuning puts the
+    prefix in a fresh cache every step, positions = generate's padding-aware ids + P."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    from ptune_fast import reference
+
+    enc, cfg = pm.prompt_encoder["default"], pm.peft_config["default"]
+    emb = enc.embedding.weight.detach()
+    lin = lambda seq: ([m.weight for m in seq if isinstance(m, torch.nn.Linear)],
+                       [m.bias for m in seq if isinstance(m, torch.nn.Linear)])
+    prefix = str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "PREFIX_TUNING"
+    if getattr(enc, "transform", None) is not None:
+        out = reference.prefix_encoder(emb, *lin(enc.transform))
+    elif getattr(enc, "lstm_head", None) is not None:
+        out = reference.prompt_encoder_lstm(emb, enc.lstm_head, *lin(enc.mlp_head))
+    elif getattr(enc, "mlp_head", None) is not None:
+        out = reference.prompt_encoder_mlp(emb, *lin(enc.mlp_head))
+    else:
+        out = emb
+    n, B, L = out.shape[0], ids.shape[0], cfg.num_layers
+    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    for _ in range(steps):
+        ones = mask.new_ones(B, n)
+        if prefix:
+            kv = out.view(n, 2 * L, cfg.num_attention_heads, -1).permute(1, 2, 0, 3)
+            cache = DynamicCache(config=hf.config)
+            for i in range(L):
+                cache.update(kv[2 * i].expand(B, -1, -1, -1), kv[2 * i + 1].expand(B, -1, -1, -1), i)
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1) + n
+            logits = hf(input_ids=ids, attention_mask=torch.cat([ones, mask], 1), position_ids=pos,
+                        **{cache_kw: cache}).logits
+        else:
+            embeds = torch.cat([out.expand(B, -1, -1), hf.get_input_embeddings()(ids)], 1)
+            logits = hf(inputs_embeds=embeds, attention_mask=torch.cat([ones, mask], 1)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+    return ids
+
+
+@needs_per_task_positions
+def test_bank_generate_equals_each_peft_model_left_padded():
+    """Issue 10 item 9: in generate, prompt / P-tuning rows ignore the padding-aware position ids,
+    as PEFT does for prompt methods; prefix-tuning rows shift them by P. Greedy, left-padded
+    batch of 3, one task per call and mixed rows, against each PEFT model's semantics alone
+    (the PEFT-free greedy oracle: PEFT 0.21.2's own generate loses the virtual tokens after the
+    first step on transformers 5.24, measured; its forward is compared in the from_peft test)."""
+    pms = _pms("llama", {"prm": "prompt", "pt": "ptuning_mlp", "pre": "prefix_proj"})
+    ids, mask, _ = batch("llama", 3, 7, "left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    plain = tiny_model("llama")
+    refs = {name: _greedy_oracle(plain, pm, ids, mask, 4) for name, pm in pms.items()}
+    bank = TaskBank.from_peft(pms, hf_model=tiny_model("llama"))
+    for name in pms:
+        assert torch.equal(bank.generate(**kw, tasks=name), refs[name]), name
+    mixed = ["pre", "prm", "pt"]
+    got = bank.generate(**kw, tasks=mixed)
+    for row, name in enumerate(mixed):
+        assert torch.equal(got[row], refs[name][row]), (row, name)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_from_peft_equals_each_peft_model(fold):
+    pms = _pms("llama", {"pre": "prefix_proj", "v2": "prefix", "pt": "ptuning_lstm", "prm": "prompt"})
+    ids, mask, labels = batch("llama", 4, 6, "left")
+    with torch.no_grad():
+        refs = {name: pm(input_ids=ids, attention_mask=mask, labels=labels) for name, pm in pms.items()}
+    bank = TaskBank.from_peft(pms, fold=fold)  # serves the first PeftModel's base model
+    names = list(pms)
+    out = bank(input_ids=ids, attention_mask=mask, tasks=names)
+    for row, name in enumerate(names):
+        diff = (out.logits[row] - refs[name].logits[row, -6:]) * mask[row, :, None]
+        assert diff.abs().max().item() <= 1e-5, name
+    for name in names:
+        got = bank(input_ids=ids, attention_mask=mask, labels=labels, tasks=name)
+        assert abs(got.loss.item() - refs[name].loss.item()) <= 1e-5, name
+        if not fold:  # the encoder came over trainable
+            got.loss.backward()
+            assert all(p.grad is not None for p in bank.tasks[name].parameters()), name
+    assert all(a.folded == ("" if not fold else "static" if a.method == "prefix_tuning" else "deep")
+               for a in bank.tasks.values())
+
+
+@pytest.mark.parametrize("method", ["prefix_proj", "ptuning_lstm", "prompt", "ptuning_mlp_folded"])
+def test_save_peft_as_adapter_resumes(tmp_path, method):
+    from ptune_fast import io
+
+    pm = peft_model("llama", method.replace("_folded", ""))
+    ids, mask, labels = batch("llama", 2, 6, "left")
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    if method.endswith("_folded"):  # a patched, folded PEFT model: only the encoder's output is left
+        ptune_fast.patch(pm)
+        ptune_fast.fold(pm, deep=False)
+    io.save_peft_as_adapter(pm, str(tmp_path))
+    bank = TaskBank.from_pretrained(tiny_model("llama"), {"t": str(tmp_path)})
+    got = bank(input_ids=ids, attention_mask=mask, labels=labels)
+    assert ((got.logits - ref.logits[:, -6:]) * mask[:, :, None]).abs().max().item() <= 1e-5
+    assert abs(got.loss.item() - ref.loss.item()) <= 1e-5
+    if method.endswith("_folded"):
+        assert bank.tasks["t"].folded == "static"
+    else:  # resumable: PEFT's trainable encoder, in our file
+        got.loss.backward()
+        assert bank.tasks["t"].encoder is not None
+        assert all(p.grad is not None for p in bank.tasks["t"].parameters())
+
+
+def test_bank_state_dict_holds_the_base_model_once():
+    hf = tiny_model("llama")
+    bank = TaskBank(hf, _three_task_bank(hf))
+    sd = bank.state_dict()
+    base = {k[len("model."):] for k in sd if k.startswith("model.")}
+    assert base == set(hf.state_dict())
+    assert len(sd) == len(hf.state_dict()) + len(bank.tasks.state_dict())
+    ids, mask, _ = batch("llama", 4, 5, "left")
+    names = ["pre", "v2", "pt", "prm"]
+    with torch.no_grad():
+        ref = bank(input_ids=ids, attention_mask=mask, tasks=names).logits
+    # loads into a bank of other weights; a state dict of an older bank (backbone twice) too
+    old = dict(sd, **{"_backbone." + k: v for k, v in hf.model.state_dict().items()})
+    for state in (sd, old):
+        hf2 = tiny_model("llama", seed=3)
+        other = TaskBank(hf2, _three_task_bank(hf2))
+        other.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            assert torch.equal(other(input_ids=ids, attention_mask=mask, tasks=names).logits, ref)
+        other.detach()
