@@ -144,13 +144,17 @@ def case_id(c):
     return f"{c['suite']}-{c['kind']}-{c['method']}-B{c['B']}-S{c['S']}-{nv}{extra}"
 
 
+def shape(c):
+    """The shape part of a case's label: ``B=4 S=512 P=128`` (bank: tasks x rows)."""
+    if c["kind"] == "bank":
+        return f"{c['tasks']} tasks x {c['rows']} rows S={c['S']} P={c['nv']}"
+    tail = f" +{c['new_tokens']} tok" if c["kind"] == "generate" else ""
+    return f"B={c['B']} S={c['S']} {'P' if is_prefix(c['method']) else 'n'}={c['nv']}{tail}"
+
+
 def label(c):
     """Short human label of a case (tables, plots)."""
-    if c["kind"] == "bank":
-        return f"bank {c['call']} {c['tasks']} tasks x {c['rows']} rows S={c['S']} P={c['nv']}"
-    nv = f"{'P' if is_prefix(c['method']) else 'n'}={c['nv']}"
-    tail = f" +{c['new_tokens']} tok" if c["kind"] == "generate" else ""
-    return f"{SHORT[c['method']]} B={c['B']} S={c['S']} {nv}{tail}"
+    return f"bank {c['call']} {shape(c)}" if c["kind"] == "bank" else f"{SHORT[c['method']]} {shape(c)}"
 
 
 # ------------------------------------------------------------------------------ models

@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 
-from benchmarks.cases import FAST, LABEL, PEFT, label
+from benchmarks.cases import FAST, LABEL, PEFT, label, shape
 from benchmarks.measure import BUCKET_LABEL, BUCKETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -364,16 +364,17 @@ def readme_section(paths):
                 f"{env['torch_threads']}), torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
                 f"git {env['git_commit']}, {env['date'][:10]}: `{rep['command']}` ({rep['wall_s']:.0f} s, "
                 f"[report]({md}))", ""]
+        rows = [r for r in rep["rows"] if FAST in r.get("speedup", {})]
+        mem = any("peak_bytes" in r for r in rows)
         lines = []
-        for r in rep["rows"]:
-            if FAST not in r.get("speedup", {}):
-                continue
-            t = r["time"]
-            lines.append([LABEL.get(r["method"], r["method"]) if r["kind"] != "bank" else "TaskBank (prefix)",
-                          r["kind"] + (f" {r['call']}" if r["kind"] == "bank" else ""), label(r).split(" ", 1)[1]
-                          if r["kind"] != "bank" else label(r)[5:], f"{t[PEFT]['median_ms']:.1f}",
-                          f"{t[FAST]['median_ms']:.1f}", f"{r['speedup'][FAST]:.2f}x", r["verdict"][FAST]])
-        out += _table(["method", "case", "shape", "PEFT ms", "ptune_fast ms", "speedup", "verdict"], lines) + [""]
+        for r in rows:
+            t, pk = r["time"], r.get("peak_bytes")
+            lines.append([LABEL[r["method"]] if r["kind"] != "bank" else "TaskBank vs PEFT (prefix)",
+                          r["kind"] + (f" {r['call']}" if r["kind"] == "bank" else ""), shape(r),
+                          f"{t[PEFT]['median_ms']:.1f}", f"{t[FAST]['median_ms']:.1f}", f"{r['speedup'][FAST]:.2f}x",
+                          r["verdict"][FAST]] + ([f"{_mib(pk[PEFT])} / {_mib(pk[FAST])}" if pk else "-"] if mem else []))
+        head = ["method", "case", "shape", "PEFT ms", "ptune_fast ms", "speedup", "verdict"]
+        out += _table(head + (["peak MiB PEFT / ptune_fast"] if mem else []), lines) + [""]
     return "\n".join(out)
 
 

@@ -81,7 +81,8 @@ def test_readme_section_is_generated_from_the_report(smoke, capsys):
     text = capsys.readouterr().out
     assert "speedup = PEFT time / ptune_fast time" in text and report["command"] in text
     r = report["rows"][0]
-    assert f"{r['speedup'][C.FAST]:.2f}x" in text and r["verdict"][C.FAST] in text
+    assert f"| {C.shape(r)} | {r['time'][C.PEFT]['median_ms']:.1f} | {r['time'][C.FAST]['median_ms']:.1f} | " \
+           f"{r['speedup'][C.FAST]:.2f}x | {r['verdict'][C.FAST]} |" in text
 
 
 def test_results_are_written_before_plots_and_without_matplotlib(smoke, tmp_path, monkeypatch, capsys):
