@@ -152,8 +152,22 @@ class TaskBank(nn.Module):
                 self._tasks_changed()
             return adapter
 
+    def attach(self) -> "TaskBank":
+        """Serve the tasks on the base model again after :meth:`detach` (no-op if attached)."""
+        with self._lock:
+            if self._attachment is None and len(self.tasks):
+                self._attachment = attach_prefix(self.model, self.state)
+                self._tasks_changed()
+            return self
+
+    def _check_attached(self):
+        if self._attachment is None and len(self.tasks):
+            raise RuntimeError("this TaskBank was detached from its model (detach()): its tasks would be ignored; "
+                               "call bank.attach() first")
+
     def detach(self):
-        """Give the base model back as it was (attention implementation, hooks)."""
+        """Give the base model back as it was (attention implementation, hooks); a detached
+        bank refuses calls until :meth:`attach`."""
         with self._lock:
             if self._attachment is not None:
                 self._attachment.remove()
@@ -248,6 +262,7 @@ class TaskBank(nn.Module):
                 **kwargs):
         B, device = self._batch(input_ids, inputs_embeds)
         with self._lock:
+            self._check_attached()
             # left set after the call: checkpointed layers re-read it when backward recomputes them
             self.state.task_ids = self.task_index(tasks, B, device)
             prompt_rows = self._prompt_rows()
@@ -281,6 +296,7 @@ class TaskBank(nn.Module):
         ids = kwargs.get("input_ids", args[0] if args else None)
         B, device = self._batch(ids, kwargs.get("inputs_embeds"))
         with self._lock:
+            self._check_attached()
             self.state.task_ids = self.task_index(tasks, B, device)
             try:
                 return self.model.generate(*args, **kwargs)

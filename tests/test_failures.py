@@ -92,10 +92,15 @@ def test_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
     with torch.no_grad():
         assert torch.equal(before, hf(input_ids=ids, attention_mask=mask).logits)
     bank = TaskBank.from_pretrained(hf, {"good": str(tmp_path / "good")})  # a retry is not refused
-    assert bank.task_names == ["good"]
+    with torch.no_grad():
+        served = bank(input_ids=ids, attention_mask=mask).logits
     bank.detach()
     with torch.no_grad():
         assert torch.equal(before, hf(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(RuntimeError, match="detached"):  # not silently the base model
+        bank(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        assert torch.equal(served, bank.attach()(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_failed_bank_construction_and_from_peft_change_nothing():
