@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "prompt tuning).")
     sub = p.add_subparsers(dest="command", metavar="{demo,info}")
     d = sub.add_parser("demo", help="train P-Tuning v2 on all-MiniLM-L6-v2 with PEFT and PEFT + ptune_fast, "
-                                     "side by side (CPU, offline, < 2 min)",
-                       description=demo.__doc__.split("\n\n")[0])
+                                     f"side by side (CPU, offline, {demo.WALL_TIME_SHORT}; see demo --help)",
+                       description=demo.__doc__.split("\n\n")[0], epilog=demo.WALL_TIME)
     demo.add_arguments(d)
     i = sub.add_parser("info", help="versions, backends (CUDA extension, Triton, reference) and supported models")
     info.add_arguments(i)

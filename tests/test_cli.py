@@ -237,3 +237,13 @@ def test_demo_refuses_cleanly_without_a_gpu(capsys):
 def test_demo_errors_name_the_argument(argv, message, capsys):
     assert main(["demo", "--quick", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_help_states_the_measured_wall_time(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    assert demo.WALL_TIME_SHORT in top and "< 2 min" not in top
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert " ".join(demo.WALL_TIME.split()) in " ".join(capsys.readouterr().out.split())
