@@ -307,19 +307,20 @@ def _greedy_oracle(hf, pm, ids, mask, steps):
     return ids
 
 
-@needs_per_task_positions
-def test_bank_generate_equals_each_peft_model_left_padded():
+@pytest.mark.parametrize("kind", [  # generate passes padding-aware position ids to llama and gpt2, none to opt
+    pytest.param("llama", marks=needs_per_task_positions), pytest.param("gpt2", marks=needs_per_task_positions), "opt"])
+def test_bank_generate_equals_each_peft_model_left_padded(kind):
     """Issue 10 item 9: in generate, prompt / P-tuning rows ignore the padding-aware position ids,
     as PEFT does for prompt methods; prefix-tuning rows shift them by P. Greedy, left-padded
     batch of 3, one task per call and mixed rows, against each PEFT model's semantics alone
     (the PEFT-free greedy oracle: PEFT 0.21.2's own generate loses the virtual tokens after the
     first step on transformers 5.24, measured; its forward is compared in the from_peft test)."""
-    pms = _pms("llama", {"prm": "prompt", "pt": "ptuning_mlp", "pre": "prefix_proj"})
-    ids, mask, _ = batch("llama", 3, 7, "left")
+    pms = _pms(kind, {"prm": "prompt", "pt": "ptuning_mlp", "pre": "prefix_proj"})
+    ids, mask, _ = batch(kind, 3, 7, "left")
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
-    plain = tiny_model("llama")
+    plain = tiny_model(kind)
     refs = {name: _greedy_oracle(plain, pm, ids, mask, 4) for name, pm in pms.items()}
-    bank = TaskBank.from_peft(pms, hf_model=tiny_model("llama"))
+    bank = TaskBank.from_peft(pms, hf_model=tiny_model(kind))
     for name in pms:
         assert torch.equal(bank.generate(**kw, tasks=name), refs[name]), name
     mixed = ["pre", "prm", "pt"]
