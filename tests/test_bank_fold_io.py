@@ -6,17 +6,9 @@ import torch
 
 import ptune_fast
 from ptune_fast import PromptAdapter, TaskBank
-from ptune_fast.integrations import core
 from tests.models import batch, peft_model, tiny_model
 
 pytest.importorskip("peft")
-
-# A bank mixing prompt-method and prefix-tuning tasks needs the attachment's per-task position
-# policy (integrations/core.py); until it is there these tests are expected to fail.
-needs_per_task_positions = pytest.mark.xfail(
-    not getattr(core, "PER_TASK_POSITION_POLICY", False), strict=True,
-    reason="integrations/core.py lacks the per-task position policy (issue 10 item 9)")
-
 
 def _peft_encoder_into(adapter, pm):
     sd = pm.prompt_encoder["default"].state_dict()
@@ -52,7 +44,6 @@ def _three_task_bank(hf):
             "pt": PromptAdapter.p_tuning(hf, 4, "LSTM", 16), "prm": PromptAdapter.prompt_tuning(hf, 4)}
 
 
-@needs_per_task_positions
 def test_mixed_bank_equals_each_task_alone():
     hf = tiny_model("llama")
     adapters = _three_task_bank(hf)
@@ -308,7 +299,7 @@ def _greedy_oracle(hf, pm, ids, mask, steps):
 
 
 @pytest.mark.parametrize("kind", [  # generate passes padding-aware position ids to llama and gpt2, none to opt
-    pytest.param("llama", marks=needs_per_task_positions), pytest.param("gpt2", marks=needs_per_task_positions), "opt"])
+    "llama", "gpt2", "opt"])
 def test_bank_generate_equals_each_peft_model_left_padded(kind):
     """Issue 10 item 9: in generate, prompt / P-tuning rows ignore the padding-aware position ids,
     as PEFT does for prompt methods; prefix-tuning rows shift them by P. Greedy, left-padded

@@ -24,6 +24,12 @@ def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None
     state = getattr(module, "_ptune_fast_state", None)
     layer = state.layer(getattr(module, "layer_idx", None)) if state is not None else None
     pk = pv = task_ids = None
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        # SDPA is on autocast's lower-precision list; a custom op is not cast by autocast, so do
+        # what autocast does to SDPA (under autocast RoPE can leave q/k in fp32 and v in bf16).
+        dt = torch.get_autocast_dtype(dev)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     if layer is not None:
         pk, pv, task_ids = layer
         if pk.dtype != query.dtype:  # e.g. autocast: the prefix follows the activations

@@ -7,10 +7,12 @@
   modules call the attention interface (and with which ``layer_idx``), each layer's K/V
   shapes (``Hkv``, ``D``), whether attention is causal, and which extras a family passes
   (``softcap``, attention sinks ``s_aux``/``sinks``, ``sliding_window``, custom masks).
-* **positions** — read from the modules: learned position tables keyed by the attention mask
-  (OPT-like: the position module's ``forward`` takes ``attention_mask``), tables keyed by input
-  ids and a padding index (RoBERTa-like: the position ``nn.Embedding`` has ``padding_idx``), or
-  positions that follow the cache length (RoPE and absolute tables: everything else).
+* **positions** — which rule gives the real tokens the positions transformers gives them when a
+  P-token prefix sits in its cache: positions that follow the cache length (RoPE, absolute
+  tables), positions from the attention mask (OPT-like), or from input ids and a padding index
+  (RoBERTa-like). :mod:`ptune_fast.integrations.positions` *verifies* the rule by running the
+  model both ways on a tiny input; a hint from the modules (a position module whose ``forward``
+  takes ``attention_mask``; a position ``nn.Embedding`` with ``padding_idx``) orders the candidates.
 * **refusals** — features ptune_fast cannot serve exactly raise :class:`UnsupportedModel`
   (a ``ValueError``) naming the model type and the feature: encoder-decoder models, attention
   outside the interface, logit softcapping, attention sinks, ALiBi / relative key-position
@@ -67,6 +69,8 @@ class Capabilities:
     padding_idx: Optional[int]  # the position table's padding index ("padding_idx" positions)
     sliding_window: Optional[int]  # smallest window a layer uses, None for full attention
     backbone: str = "model"  # dotted name of the module that takes position_ids and the cache
+    attention: tuple = ()  # dotted names of the modules that call the attention interface
+    position_error: Optional[str] = None  # why no position rule reproduces the model (prefix paths refused)
 
     def spec(self) -> dict:
         """What an adapter must agree on with its base model."""
@@ -254,12 +258,14 @@ def describe(hf_model) -> Capabilities:
         _refuse(hf_model, f"keys and values of different shapes (K: {hkv}x{dk}, V: {hv}x{dv}; e.g. latent attention)")
     causal = all(bool(c["is_causal"]) for c in calls)
     backbone_name = _find_backbone(hf_model, rec)
+    by_id = {id(m): n for n, m in hf_model.named_modules()}
+    attention = tuple(dict.fromkeys(by_id[c["module"]] for c in calls))
     positions, padding_idx = _position_kind(hf_model.get_submodule(backbone_name))
     windows = [c["sliding_window"] for c in calls if c["sliding_window"]]
     emb = hf_model.get_input_embeddings()
     hidden = getattr(emb, "embedding_dim", None) or getattr(text, "hidden_size")
     return Capabilities(
         model_type=_model_type(hf_model), num_layers=n_layers, num_kv_heads=hkv, head_dim=dk, hidden_size=int(hidden),
-        causal=causal, positions=positions, padding_idx=padding_idx, backbone=backbone_name,
+        causal=causal, positions=positions, padding_idx=padding_idx, backbone=backbone_name, attention=attention,
         sliding_window=min(windows) if windows else None,
     )

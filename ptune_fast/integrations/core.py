@@ -19,49 +19,35 @@ import torch
 
 from ptune_fast.integrations import attention as _attention
 from ptune_fast.integrations import compat
-from ptune_fast.integrations.capabilities import Capabilities, backbone_of
+from ptune_fast.integrations import positions as _positions
+from ptune_fast.integrations.capabilities import Capabilities, UnsupportedModel, backbone_of
 from ptune_fast.integrations.capabilities import describe as _describe
 from ptune_fast.integrations.state import PrefixState
 
-__all__ = ["Attachment", "attach_prefix", "attention_modules", "backbone_of", "describe"]
+#: ``Attachment.ignore_position_ids`` may be a bool tensor ``[N]``, one flag per bank task
+PER_TASK_POSITION_POLICY = True
+
+__all__ = ["Attachment", "attach_prefix", "attention_modules", "backbone_of", "describe", "require_positions"]
+
 
 def describe(hf_model) -> Capabilities:
     """:func:`capabilities.describe`, probed once per model and kept on it."""
     caps = hf_model.__dict__.get("_ptune_fast_caps")
     if caps is None:
-        caps = _describe(hf_model)
+        caps = _positions.verify(hf_model, _describe(hf_model))
         hf_model.__dict__["_ptune_fast_caps"] = caps
     return caps
 
 
 def attention_modules(hf_model):
-    """Modules that call the attention interface: they carry ``layer_idx`` and a projection."""
-    mods = []
-    for m in hf_model.modules():
-        if getattr(m, "layer_idx", None) is not None and type(m).__name__.endswith("Attention"):
-            mods.append(m)
-    return mods
+    """The modules that call the attention interface (found by the probe)."""
+    return [hf_model.get_submodule(n) for n in describe(hf_model).attention]
 
 
-def _position_ids(caps: Capabilities, kw, P, S, past_len, device, ignore_given=False):
-    """The positions transformers gives the real tokens when the P prefix tokens sit in its cache."""
-    given = kw.get("position_ids")
-    if given is not None and not ignore_given:
-        return given + P
-    mask = kw.get("attention_mask")
-    if caps.positions == "mask" and mask is not None and mask.dim() == 2:
-        m = mask.long()
-        pos = (torch.cumsum(m, dim=1) + P) * m - 1
-        return pos[:, -S:]
-    if caps.positions == "padding_idx":
-        pad = caps.padding_idx
-        ids = kw.get("input_ids")
-        if ids is not None:
-            m = ids.ne(pad).long()
-            return (torch.cumsum(m, dim=1) + P + past_len) * m + pad
-        # RoBERTa-like models ignore the cache length for inputs_embeds (HF and PEFT alike)
-        return torch.arange(pad + 1, S + pad + 1, device=device).unsqueeze(0)
-    return (torch.arange(S, device=device) + (past_len + P)).unsqueeze(0)
+def require_positions(caps: Capabilities, what: str) -> None:
+    if caps.position_error is not None:
+        raise UnsupportedModel(f"ptune_fast cannot serve model type {caps.model_type!r} with {what}: "
+                               f"{caps.position_error}")
 
 
 def _seq_len_of(kw):
@@ -80,6 +66,7 @@ class Attachment:
         self.model = hf_model
         self.state = state
         self.caps = describe(hf_model)
+        require_positions(self.caps, "a prefix kept outside its cache")
         self.model_type = self.caps.model_type
         self.backbone = backbone_of(hf_model)
         self.previous_attn = hf_model.config._attn_implementation
@@ -151,8 +138,12 @@ class Attachment:
             self.state.task_ids = tids.repeat_interleave(B // tids.shape[0])
         past = compat.get_cache(kwargs)
         past_len = compat.cache_length(past)
-        kwargs["position_ids"] = _position_ids(self.caps, kwargs, P, S, past_len, device,
-                                               ignore_given=self.ignore_position_ids)
+        ignore = self.ignore_position_ids
+        if isinstance(ignore, torch.Tensor):  # one flag per bank task: each row follows its task
+            tids = self.state.task_ids
+            ignore = bool(ignore[0]) if tids is None else ignore.to(tids.device)[tids.long()]
+        kwargs["position_ids"] = _positions.position_ids(self.caps, kwargs, P, S, past_len, device,
+                                                         ignore_given=ignore)
         if kwargs.get("attention_mask") is None and past is None and torch.compiler.is_compiling():
             # Under torch.compile HF cannot rule out packed sequences from position_ids alone;
             # an explicit all-True padding mask keeps the mask function on the plain path.

@@ -16,7 +16,7 @@ import warnings
 
 from ptune_fast import reference
 from ptune_fast.encoders import encode
-from ptune_fast.integrations import shared_pass
+from ptune_fast.integrations import compat, shared_pass
 from ptune_fast.integrations.capabilities import UnsupportedModel
 from ptune_fast.integrations.core import attach_prefix, backbone_of, describe
 from ptune_fast.integrations.state import PrefixState
@@ -99,6 +99,31 @@ def _patched_get_prompt_tokens(self, batch_size, task_ids=None, max_cache_len=No
     return prompts.unsqueeze(0).expand(batch_size, -1, -1)
 
 
+def _patched_prepare_inputs_for_generation(self, *args, **kwargs):
+    """PEFT 0.21 tells the first generation step (where it prepends the virtual tokens) from
+    ``model_kwargs["past_key_values"]``; transformers >= 5.24 passes the cache as ``cache``, so PEFT
+    would prepend the virtual tokens at every step. Show PEFT the cache under the name it reads."""
+    patch = getattr(self, _ATTR)
+    name = patch.cache_name
+    base_prepare = self.base_model_prepare_inputs_for_generation
+
+    def aliased(*a, **k):  # PEFT reads the base model's prepared inputs under the old name
+        prepared = base_prepare(*a, **k)
+        if prepared.get(name) is not None and prepared.get("past_key_values") is None:
+            prepared["past_key_values"] = prepared[name]
+        return prepared
+
+    self.base_model_prepare_inputs_for_generation = aliased
+    try:
+        out = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
+    finally:
+        self.base_model_prepare_inputs_for_generation = base_prepare
+    cache = out.pop("past_key_values", None)
+    if cache is not None and out.get(name) is None:
+        out[name] = cache
+    return out
+
+
 def _patched_generate_prefix(self, *args, **kwargs):
     base = self.base_model
     if hasattr(base, "model"):
@@ -120,13 +145,16 @@ class PeftPatch:
         hf = peft_model.get_base_model()
         self.hf_model = hf
         self.prompt_pass = prompt_pass
+        self.cache_name = compat.cache_kwarg(hf)
         caps = describe(hf)
         task = str(getattr(cfg.task_type, "value", cfg.task_type))
-        can_share = self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM" and caps.causal
+        can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM" and caps.causal
+                     and caps.position_error is None)
         if prompt_pass == "shared" and not can_share:
             raise ValueError(
-                "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM model with causal attention; "
-                f"got {self.method} / {task} / {caps.model_type!r} (causal attention: {caps.causal})"
+                "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM model with causal attention "
+                f"whose positions ptune_fast reproduces; got {self.method} / {task} / {caps.model_type!r} "
+                f"(causal attention: {caps.causal}; positions: {caps.position_error or 'ok'})"
             )
         if self.method == "PREFIX_TUNING":
             peft_layout = (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads)
@@ -160,12 +188,14 @@ class PeftPatch:
             state = PrefixState(None, lambda: enc.parameters(), cfg.num_virtual_tokens)
             backbone = backbone_of(self.hf_model)
             state.provider = shared_pass.make_provider(self.hf_model, backbone, enc, state,
-                                                       lambda: pm.word_embeddings.weight.dtype)
+                                                       lambda: self.hf_model.get_input_embeddings().weight.dtype)
             self.attachment = attach_prefix(self.hf_model, state, ignore_position_ids=True)
             self._override("forward", _patched_forward_shared)
             self._override("generate", _patched_generate_prefix)
         else:
             self._override("get_prompt", _patched_get_prompt_tokens)
+            if self.cache_name != "past_key_values" and hasattr(type(pm), "prepare_inputs_for_generation"):
+                self._override("prepare_inputs_for_generation", _patched_prepare_inputs_for_generation)
         setattr(pm, _ATTR, self)
         return pm
 
