@@ -49,12 +49,14 @@ def test_info_text():
     out = r.stdout
     for word in ("python", "torch", "transformers", "peft", "triton", "torch CUDA", "GPU:",
                  "CUDA extension (ptune_fast._C)", "Triton: importable", "TRITON_INTERPRET",
-                 "forced backend: none", "supported model types", "dispatch order"):
+                 "forced backend: none", "models: any model whose attention", "tested ranges:", "dispatch order"):
         assert word in out, f"{word!r} missing from info output:\n{out}"
     assert f"ptune_fast {ptune_fast.__version__}" in out
     assert torch.__version__ in out
-    for model_type in ptune_fast.SUPPORTED_MODEL_TYPES:
-        assert model_type in out
+    from ptune_fast import versions
+
+    for pkg, (lo, hi) in versions.TESTED.items():
+        assert f"{pkg} >={lo},<{hi}" in out
     if not torch.cuda.is_available():
         assert "GPU: no" in out
         assert "why not" in out  # the CUDA extension cannot be usable without a GPU: say why
@@ -78,7 +80,9 @@ def test_info_json_matches_the_environment():
         assert v["peft"] == peft.__version__
     assert d["torch_cuda"] == torch.version.cuda
     assert d["gpu"]["available"] == torch.cuda.is_available()
-    assert d["supported_model_types"] == list(ptune_fast.SUPPORTED_MODEL_TYPES)
+    assert "attention interface" in d["model_support"]
+    assert set(d["tested_ranges"]) >= {"torch", "transformers", "peft"}
+    assert d["version_warnings"] == [] or all(isinstance(w, str) for w in d["version_warnings"])
     assert d["forced_backend"] is None and d["forced_backend_error"] is None
     ext, tri = d["backends"]["cuda_extension"], d["backends"]["triton"]
     assert isinstance(ext["built"], bool) and isinstance(ext["usable"], bool)
