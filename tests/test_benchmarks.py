@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -17,20 +18,25 @@ from benchmarks import report as R  # noqa: E402
 from benchmarks import run  # noqa: E402
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
-#: every kind (train, prefill, generate, bank) and extra measurement of the smoke preset, in ~10 s
+#: every kind (train, prefill, generate, bank) and extra measurement of the smoke preset, ~8 s of CPU
 SMOKE = ["all", "--preset", "smoke", "--methods", "prefix_proj", "prefix", "prompt", "--batches", "2", "3", "6",
-         "--repeat", "2", "--warmup", "0"]
+         "--repeat", "2", "--warmup", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    report = run.main(SMOKE + ["--out-dir", str(out), "--name", "smoke"] + ([] if HAVE_MPL else ["--no-plots"]))
+    threads = torch.get_num_threads()
+    try:
+        report = run.main(SMOKE + ["--out-dir", str(out), "--name", "smoke"] + ([] if HAVE_MPL else ["--no-plots"]))
+    finally:
+        torch.set_num_threads(threads)  # the rest of the test session keeps its thread count
     return report, out
 
 
 def test_smoke_run_measures_every_kind(smoke):
     report, out = smoke
+    assert report["env"]["torch_threads"] == 1  # --threads 1, recorded
     rows = {r["id"]: r for r in report["rows"]}
     assert {r["kind"] for r in rows.values()} == {"train", "prefill", "generate", "bank"}
     measured = {m for r in rows.values() for m in r["measure"]}
