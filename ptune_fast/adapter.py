@@ -57,6 +57,8 @@ class PromptAdapter(nn.Module):
         self.register_buffer("static_keys", None)  # [L, Hkv, n, D] deep-folded prompt methods
         self.register_buffer("static_values", None)
         self.register_buffer("static_last_hidden", None)  # [hidden] last virtual token, for the loss
+        # [V] its logits through the model's own head (not saved: files keep the hidden state)
+        self.register_buffer("static_first_logits", None, persistent=False)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -106,10 +108,11 @@ class PromptAdapter(nn.Module):
         s = self.spec
         if self.static_keys is not None:
             state.extra["last_hidden"] = self.static_last_hidden
+            state.extra["first_logits"] = self.static_first_logits
             return self.static_keys.to(dtype), self.static_values.to(dtype)
         out = self.tokens()
         if self.method == "prefix_tuning":
-            state.extra["last_hidden"] = None
+            state.extra["last_hidden"] = state.extra["first_logits"] = None
             k, v = reference.split_prefix(out.to(dtype), s["num_layers"], s["num_kv_heads"], s["head_dim"])
             return k, v
         from ptune_fast.integrations.shared_pass import virtual_token_kv
@@ -140,6 +143,8 @@ class PromptAdapter(nn.Module):
             k, v = virtual_token_kv(hf_model, backbone, self.static_tokens.to(hf_model.dtype), tmp)
             self.static_keys, self.static_values = k.detach().clone(), v.detach().clone()
             self.static_last_hidden = tmp.extra["last_hidden"].detach().clone()
+            fl = tmp.extra.get("first_logits")
+            self.static_first_logits = None if fl is None else fl.detach().clone()
         if self.static_keys is not None:
             report["static"]["keys"] = tuple(self.static_keys.shape)
             report["static"]["values"] = tuple(self.static_values.shape)

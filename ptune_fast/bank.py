@@ -33,7 +33,7 @@ from torch import nn
 
 from ptune_fast.adapter import PromptAdapter
 from ptune_fast.integrations.core import attach_prefix, backbone_of
-from ptune_fast.integrations.shared_pass import causal_lm_loss
+from ptune_fast.integrations.shared_pass import causal_lm_loss, first_logits
 from ptune_fast.integrations.state import PrefixState
 
 Tasks = Union[None, str, Sequence[str], torch.Tensor]
@@ -202,8 +202,8 @@ class TaskBank(nn.Module):
             k, v = adapter.kv(self.model, backbone, self.state, dtype)
             ks.append(k)
             vs.append(v)
-            last.append(self.state.extra.get("last_hidden"))
-        self.state.extra["last_hidden_per_task"] = last
+            last.append(dict(self.state.extra) if adapter.method != "prefix_tuning" else None)
+        self.state.extra["first_per_task"] = last
         if len(ks) == 1:
             return ks[0].contiguous(), vs[0].contiguous()
         return torch.stack(ks, dim=1), torch.stack(vs, dim=1)  # [L, N, Hkv, P, D]
@@ -277,14 +277,14 @@ class TaskBank(nn.Module):
     def _causal_lm_loss(self, logits, labels, prompt_tasks):
         """PEFT's loss for prompt methods predicts each row's first token from the last virtual
         token; prefix-tuning rows have no such term."""
-        last = self.state.extra["last_hidden_per_task"]
-        hidden_size = self.model.get_output_embeddings().weight.shape[1]
-        zero = logits.new_zeros(hidden_size)
-        hidden = torch.stack([zero if h is None else h.to(zero.dtype) for h in last])  # [N, hidden]
+        V = logits.shape[-1]
+        zero = logits.new_zeros(V)
+        first = torch.stack([zero if e is None else first_logits(self.model, e).to(zero.dtype)
+                             for e in self.state.extra["first_per_task"]])  # [N, V]
         B = logits.shape[0]
         tids = self.state.task_ids
         tids = torch.zeros(B, dtype=torch.long, device=logits.device) if tids is None else tids.long()
-        return causal_lm_loss(self.model, logits, labels, hidden[tids], prompt_tasks.to(logits.device)[tids])
+        return causal_lm_loss(self.model, logits, labels, first[tids], prompt_tasks.to(logits.device)[tids])
 
     @torch.no_grad()
     def generate(self, *args, tasks: Tasks = None, **kwargs):
@@ -307,7 +307,7 @@ class TaskBank(nn.Module):
         if deep not in (None, True, False):
             raise TypeError(f"deep must be None, True or False, got {deep!r}")
         with self._lock:
-            slots = ("encoder",) + ("static_tokens", "static_keys", "static_values", "static_last_hidden")
+            slots = ("encoder",) + ("static_tokens", "static_keys", "static_values", "static_last_hidden", "static_first_logits")
             saved = {name: {s: getattr(a, s) for s in slots} for name, a in self.tasks.items()}
             report = {}
             try:

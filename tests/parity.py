@@ -71,8 +71,12 @@ def oracle_run(pm, method, ids, mask, labels, causal_lm=True):
 def assert_same(got, ref, mask, S, what):
     lg, lr = real(got[0], mask, S), real(ref[0], mask, S)
     assert lg.shape == lr.shape, what
-    assert (lg - lr).abs().max().item() <= 1e-5, (what, (lg - lr).abs().max().item())
-    assert abs(got[1].item() - ref[1].item()) <= 1e-5, (what, got[1].item(), ref[1].item())
+    # fp32 rounding, relative to the logits' scale: the shared pass and PEFT's layout sum in other
+    # orders. Measured: the same comparison in fp64 agrees to 9e-16 (granite), in fp32 the worst
+    # zoo case is 2.5e-5 at |logits| 5.2 (4.8e-6 relative); the bound is 1e-5 relative.
+    scale = max(1.0, lr.abs().max().item())
+    assert (lg - lr).abs().max().item() <= 1e-5 * scale, (what, (lg - lr).abs().max().item(), scale)
+    assert abs(got[1].item() - ref[1].item()) <= 1e-5 * max(1.0, abs(ref[1].item())), (what, got[1].item(), ref[1].item())
     assert ref[2] and ref[2].keys() == got[2].keys(), (what, sorted(ref[2]), sorted(got[2]))
     for name in ref[2]:
         assert_grad_close(got[2][name], ref[2][name], f"{what}: {name}")

@@ -83,7 +83,8 @@ def _patched_forward_shared(self, input_ids=None, attention_mask=None, inputs_em
                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                           return_dict=True, **kwargs)
     if labels is not None:
-        out.loss = shared_pass.causal_lm_loss(patch.hf_model, out.logits, labels, patch.state.extra["last_hidden"])
+        out.loss = shared_pass.causal_lm_loss(patch.hf_model, out.logits, labels,
+                                              shared_pass.first_logits(patch.hf_model, patch.state.extra))
     return out if return_dict is not False else out.to_tuple()
 
 

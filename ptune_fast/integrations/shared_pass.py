@@ -32,17 +32,46 @@ def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state):
     prev = attached.state.computing if attached is not None else None
     if attached is not None:
         attached.state.computing = True
+    head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+    seen = {}
     try:
-        out = backbone(inputs_embeds=prompts.unsqueeze(0), use_cache=True, return_dict=True,
-                       **{compat.cache_kwarg(backbone): cache})
+        if head is not None:
+            # Run the whole causal LM: its own head gives the last virtual token's logits (which
+            # predict each row's first real token) with every family's logit scaling / capping.
+            grab = backbone.register_forward_hook(lambda m, a, o: seen.setdefault("hidden", o))
+            kw = {"logits_to_keep": 1} if compat.accepts(hf_model, "logits_to_keep") else {}
+            try:
+                out = hf_model(inputs_embeds=prompts.unsqueeze(0), use_cache=True, return_dict=True,
+                               **{compat.cache_kwarg(hf_model): cache}, **kw)
+            finally:
+                grab.remove()
+            state.extra["first_logits"] = out.logits[0, -1]
+            hidden = seen["hidden"]
+        else:
+            hidden = backbone(inputs_embeds=prompts.unsqueeze(0), use_cache=True, return_dict=True,
+                              **{compat.cache_kwarg(backbone): cache})
+            state.extra["first_logits"] = None
     finally:
         if attached is not None:
             attached.state.computing = prev
     layers = compat.cache_layers(cache)
     keys = torch.stack([k[0] for k, _ in layers])
     values = torch.stack([v[0] for _, v in layers])
-    state.extra["last_hidden"] = out.last_hidden_state[0, -1]
+    h = getattr(hidden, "last_hidden_state", None)
+    state.extra["last_hidden"] = (h if h is not None else hidden[0])[0, -1]
     return keys, values
+
+
+def first_logits(hf_model, extra) -> torch.Tensor:
+    """Logits ``[V]`` of the last virtual token (from the shared pass's own LM head), or, for
+    adapters restored from files that keep only its hidden state, the output embedding applied
+    to that state (exact for heads without logit scaling or capping)."""
+    logits = extra.get("first_logits")
+    if logits is not None:
+        return logits
+    hidden = extra["last_hidden"]
+    head = hf_model.get_output_embeddings()
+    return head(hidden.to(head.weight.dtype))
 
 
 def make_provider(hf_model, backbone, encoder, state, dtype_of):
@@ -55,17 +84,15 @@ def make_provider(hf_model, backbone, encoder, state, dtype_of):
     return provider
 
 
-def causal_lm_loss(hf_model, logits: torch.Tensor, labels: torch.Tensor, first_hidden: torch.Tensor,
+def causal_lm_loss(hf_model, logits: torch.Tensor, labels: torch.Tensor, first: torch.Tensor,
                    has_first=None) -> torch.Tensor:
     """PEFT's loss for ``[virtual ; real]`` sequences with labels ``-100`` on the virtual part,
-    from the real tokens' ``logits [B, S, V]`` and the last virtual token's final hidden state
-    ``first_hidden`` (``[hidden]`` shared, or ``[B, hidden]`` per row), which predicts each row's
+    from the real tokens' ``logits [B, S, V]`` and the last virtual token's logits ``first``
+    (``[V]`` shared, or ``[B, V]`` per row, see :func:`first_logits`), which predict each row's
     first real token. ``has_first [B]`` (bool) drops that term for rows without virtual tokens
     (prefix-tuning rows of a mixed task bank)."""
-    head = hf_model.get_output_embeddings()
     B, S, V = logits.shape
-    first = head(first_hidden.to(head.weight.dtype))
-    first = first.view(1, V).expand(B, V) if first.dim() == 1 else first  # [B, V]
+    first = first.reshape(1, V).expand(B, V) if first.dim() == 1 else first  # [B, V]
     first_labels = labels[:, :1].to(logits.device)
     if has_first is not None:
         first_labels = first_labels.masked_fill(~has_first.to(logits.device)[:, None], -100)
