@@ -39,7 +39,8 @@ at the call, and the env var ``PTUNE_FAST_BACKEND`` / the counters are read at r
 The backward re-runs the same choice (a forced backend must be forced for both).
 
 Determinism: the Triton backward has no atomics (bank / prefix gradients are summed over rows in
-row order), so its gradients are bitwise reproducible. The ``sdpa``/``reference`` backwards take
+row order), so its gradients are bitwise reproducible for a given tile config (the autotuner
+picks tiles by timing, so two processes may pick differently and sum in another order). The ``sdpa``/``reference`` backwards take
 the bank gradient from autograd's ``index_select`` backward (atomics on CUDA: reproducible there
 only under ``torch.use_deterministic_algorithms(True)``).
 
