@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not the interpreter's
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ptune-aot-"))  # cold: ptxas always runs
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas, hence its log
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default (silences a warning)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -108,6 +109,8 @@ def compile_one(job: dict) -> dict:
                            options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
     res = dict(job, seconds=round(time.perf_counter() - t0, 2), shared=int(k.metadata.shared), src=source_hash(job))
     text = log.getvalue()
+    if not _LOG_RE["regs"].search(text):
+        raise RuntimeError(f"no ptxas log for {job} (compile cache hit?)")
     for key, rx in _LOG_RE.items():
         vals = [int(v) for v in rx.findall(text)]
         res[key] = max(vals) if vals else 0
@@ -151,7 +154,8 @@ def jobs(head_dims=(64, 80, 96, 128), dtypes=("bfloat16", "float16"), causals=(T
 def run(job_list, workers=None, progress=False, reuse=()):
     """Compile ``job_list``; a job found in ``reuse`` (earlier results with the same kernel source
     hash, Triton version and flags) is taken from there instead (marked ``reused``)."""
-    known = {_job_key(r): dict(r, reused=True) for r in reuse if r.get("src") and r.get("triton") == triton.__version__}
+    known = {_job_key(r): dict(r, reused=True) for r in reuse
+             if r.get("src") and r.get("triton") == triton.__version__ and r.get("regs")}
     done = [known[_job_key(j)] for j in job_list if _job_key(j) in known]
     job_list = [j for j in job_list if _job_key(j) not in known]
     workers = workers or max(1, os.cpu_count() or 1)

@@ -577,9 +577,10 @@ def test_configs_are_pruned_by_shape_up_front():
         assert all(c.kwargs["BLOCK_M"] == 16 for c in decode) or len(decode) == 1, kernel
         assert len(tri.configs_for(kernel, 128, torch.bfloat16, S=5, T=7, P=3)) == 1  # the smallest tile only
         assert {as_tuple(c) for c in tri.configs_for(kernel, 256, torch.bfloat16, 512, 512, 16)} <= set(tri._WIDE[kernel])
-        assert {as_tuple(c) for c in tri.configs_for(kernel, 64, torch.float32, 512, 512, 16)} <= set(tri._FP32[kernel])
+        assert {as_tuple(c) for c in tri.configs_for(kernel, 64, torch.float32, 512, 512, 16)} <= set(
+            tri._FP32[(kernel, 64)])
         every = {as_tuple(c) for c in tri._all_configs(kernel)}  # what the autotuner is built with
-        assert set(tri._FP32[kernel]) | set(tri._WIDE[kernel]) <= every
+        assert set(tri._FP32[(kernel, 128)]) | set(tri._WIDE[kernel]) <= every
 
 
 def test_warmup_runs_every_shape_once_per_mode(monkeypatch):

@@ -436,9 +436,11 @@ _SPILL_FREE = {
 #: D in 129..256 (BLOCK_D = 256): small tiles; these must run, not necessarily spill-free.
 _WIDE = {"fwd": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)], "dkv": [(16, 32, 4, 2), (16, 16, 4, 2)],
          "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
-#: fp32 with the TF32 opt-in (PTUNE_FAST_TRITON_TF32=1): fp32 tiles take twice the registers.
-_FP32 = {"fwd": [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)], "dkv": [(16, 64, 4, 2), (16, 32, 4, 2)],
-         "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
+#: fp32 with the TF32 opt-in (PTUNE_FAST_TRITON_TF32=1): fp32 tiles take twice the registers;
+#: spill-free on sm_80/sm_90 at D = 64 and 128, causal + dropout (the report's fp32 section).
+_FP32 = {("fwd", 64): [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)], ("fwd", 128): [(32, 64, 4, 2)],
+         ("dkv", 64): [(16, 64, 4, 2)], ("dkv", 128): [(16, 32, 4, 2)],
+         ("dq", 64): [(64, 32, 4, 2), (16, 32, 4, 2)], ("dq", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
 _FIXED = {"pre": [dict(BLOCK_M=_PRE_BLOCK_M)], "reduce": [dict(BLOCK=_REDUCE_BLOCK)]}
 
 
@@ -459,12 +461,10 @@ def configs_for(kernel: str, D: int, dtype: torch.dtype, S: int, T: int, P: int,
     if kernel in _FIXED:
         return [triton.Config(dict(c), num_warps=4, num_stages=2) for c in _FIXED[kernel]]
     block_d = _block_d(D)
-    if dtype == torch.float32:
-        cands = _FP32[kernel]
-    elif block_d > 128:
+    if block_d > 128:
         cands = _WIDE[kernel]
     else:
-        cands = _SPILL_FREE[(kernel, max(64, block_d))]
+        cands = (_FP32 if dtype == torch.float32 else _SPILL_FREE)[(kernel, max(64, block_d))]
     max_m, max_n = max(16, triton.next_power_of_2(S)), max(16, triton.next_power_of_2(max(P, T)))
     keep = [c for c in cands if c[0] <= max_m and c[1] <= max_n]
     if not keep:  # always keep the smallest tile
