@@ -43,8 +43,9 @@ ROUNDS, WARMUP, ITERS = 30, 5, 10
 def _ext_available() -> bool:
     if not CUDA:
         return False
-    from ptune_fast.ops import decode_attention as da
+    import importlib
 
+    da = importlib.import_module("ptune_fast.ops.decode_attention")  # the module, not the exported function
     return da._load_ops()
 
 

@@ -202,7 +202,9 @@ def make_fast(pm, gradient_checkpointing=False, copy_model=True):
     """``ptune_fast.patch`` of a deep copy of ``pm`` (same weights), or of ``pm`` itself."""
     import ptune_fast
 
-    fast = ptune_fast.patch(copy.deepcopy(pm) if copy_model else pm)
+    # outputs="real": the S real positions' logits, the layout these benchmarks compare (the default,
+    # outputs="peft", also returns the n virtual positions' logits, broadcast)
+    fast = ptune_fast.patch(copy.deepcopy(pm) if copy_model else pm, outputs="real")
     if gradient_checkpointing:
         fast.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return fast

@@ -398,8 +398,12 @@ def sdpa_attention():
     """Swap the op behind ptune_fast's registered attention function (restored on exit)."""
     from ptune_fast.integrations import attention as A
 
+    def served(*args, out_layout="bhsd", **kw):  # the integration asks for transformers' [B, S, H, D]
+        out = sdpa_prefix_attention(*args, **kw)
+        return out.transpose(1, 2).contiguous() if out_layout == "bshd" else out
+
     prev = A.prefix_attention
-    A.prefix_attention = sdpa_prefix_attention
+    A.prefix_attention = served
     try:
         yield
     finally:

@@ -72,9 +72,24 @@ def cuda_extension() -> tuple[object | None, str]:
 
 
 def fallback(op: str, backend: str, reason: str) -> None:
+    if _compiling():
+        return
     FALLBACKS[(op, backend, reason)] += 1
     logger.debug("ptune_fast.%s: %s backend cannot serve this call (%s); falling back", op, backend, reason)
 
 
+def _compiling() -> bool:
+    try:
+        import torch
+
+        return torch.compiler.is_compiling()
+    except Exception:  # noqa: BLE001 - torch without torch.compiler
+        return False
+
+
 def served(op: str, backend: str) -> None:
+    """Count a call served (eager calls only: a counter updated inside traced code would become a
+    guard and recompile the graph on every step)."""
+    if _compiling():
+        return
     CALLS[(op, backend)] += 1

@@ -18,6 +18,7 @@ from torch import nn
 
 from ptune_fast import reference
 from ptune_fast.encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, encode
+from ptune_fast.integrations.capabilities import UnsupportedModel
 from ptune_fast.integrations.core import describe
 
 METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
@@ -29,20 +30,22 @@ def model_spec(hf_model) -> dict:
 
 
 def is_causal(hf_model) -> bool:
-    return describe(hf_model).causal
+    """Whether prompt / P-tuning adapters can run through the shared virtual-token pass here
+    (causal attention, and the pass verified to reproduce PEFT's prepended layout)."""
+    return describe(hf_model).shared_error is None
 
 
 class PromptAdapter(nn.Module):
     def __init__(self, method: str, spec: dict, encoder: Optional[nn.Module] = None,
-                 num_virtual_tokens: Optional[int] = None, causal: bool = True):
+                 num_virtual_tokens: Optional[int] = None, shared_error: Optional[str] = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method != "prefix_tuning" and not causal:
-            raise ValueError(
-                f"{method} without PEFT needs a model with causal attention, got {spec['model_type']!r}: "
-                "the virtual tokens of a bidirectional encoder depend on the row. "
-                "Use PEFT's model with ptune_fast.patch() instead."
+        if method != "prefix_tuning" and shared_error:
+            raise UnsupportedModel(
+                f"{method} without PEFT runs the shared virtual-token pass, which is not exact on "
+                f"{spec['model_type']!r}: {shared_error}. "
+                "Use PEFT's model with ptune_fast.patch() instead (prompts per row)."
             )
         self.method = method
         self.spec = dict(spec)
@@ -75,7 +78,7 @@ class PromptAdapter(nn.Module):
         s = model_spec(hf_model)
         enc = PromptEncoder(num_virtual_tokens, s["hidden_size"], encoder_hidden_size or s["hidden_size"],
                             encoder_type, encoder_num_layers)
-        return cls("p_tuning", s, enc, causal=is_causal(hf_model))
+        return cls("p_tuning", s, enc, shared_error=describe(hf_model).shared_error)
 
     @classmethod
     def prompt_tuning(cls, hf_model, num_virtual_tokens: int, init: str = "random", init_token_ids=None,
@@ -83,7 +86,7 @@ class PromptAdapter(nn.Module):
         s = model_spec(hf_model)
         enc = PromptEmbedding(num_virtual_tokens, s["hidden_size"], init, hf_model.get_input_embeddings(),
                               init_token_ids, init_text, tokenizer)
-        return cls("prompt_tuning", s, enc, causal=is_causal(hf_model))
+        return cls("prompt_tuning", s, enc, shared_error=describe(hf_model).shared_error)
 
     # ------------------------------------------------------------------ state
     @property
@@ -152,8 +155,9 @@ class PromptAdapter(nn.Module):
 
     def check_model(self, hf_model) -> None:
         if self.method != "prefix_tuning" and not is_causal(hf_model):
-            raise ValueError(f"{self.method} adapters need a model with causal attention, got "
-                             f"{describe(hf_model).model_type!r} (bidirectional)")
+            caps = describe(hf_model)
+            raise UnsupportedModel(f"{self.method} adapters need the shared virtual-token pass, not exact on "
+                                   f"{caps.model_type!r}: {caps.shared_error}")
         got = model_spec(hf_model)
         if got != self.spec:
             diff = {k: (self.spec.get(k), got.get(k)) for k in set(got) | set(self.spec) if got.get(k) != self.spec.get(k)}

@@ -267,6 +267,7 @@ class Setup:
     opts: dict
     scheds: dict
     history: list = field(default_factory=list)
+    peft_broken: str = ""  # why PEFT's own forward fails here ('' = it works and is the reference)
 
     @property
     def names(self):
@@ -295,6 +296,13 @@ def setup(steps, batch_size, seed, lr, num_virtual_tokens, n_train, n_eval, devi
     models = {"PEFT": build_peft_model(path, seed, num_virtual_tokens, dev),
               "ptune_fast": build_peft_model(path, seed, num_virtual_tokens, dev)}
     ptune_fast.patch(models["ptune_fast"])
+    peft_broken = _peft_failure(models["PEFT"], _tokenize(tok, train[:2], dev))
+    if peft_broken:
+        from ptune_fast.oracle import PeftSpec
+
+        # PEFT's own forward fails on this transformers (PEFT 0.21.2 on 5.24): the reference side
+        # runs PEFT's specified semantics with the PEFT model's own parameters instead.
+        models["PEFT"] = PeftSpec(models["PEFT"])
     params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
     for a, b in zip(params["PEFT"], params["ptune_fast"]):
         if not torch.equal(a, b):
@@ -305,7 +313,20 @@ def setup(steps, batch_size, seed, lr, num_virtual_tokens, n_train, n_eval, devi
         m.train()  # dropout is 0.0 everywhere, so train mode is deterministic and identical
     eval_batches = [_tokenize(tok, evalset[i:i + 64], dev) for i in range(0, len(evalset), 64)]
     return Setup(steps, batch_size, seed, lr, num_virtual_tokens, dev, path, tok, train, evalset, eval_batches,
-                 models, params, opts, scheds)
+                 models, params, opts, scheds, peft_broken=peft_broken)
+
+
+def _peft_failure(model, batch) -> str:
+    """Why PEFT's own forward fails on the installed transformers ('' when it works)."""
+    import torch
+
+    inputs, labels = batch
+    try:
+        with torch.no_grad():
+            model(**inputs, labels=labels)
+    except (ValueError, TypeError, RuntimeError, AttributeError, KeyError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def describe(s: Setup, say) -> None:
@@ -318,6 +339,14 @@ def describe(s: Setup, say) -> None:
         f"all-MiniLM-L6-v2 (BERT, {L} layers), sequence classification, device={s.dev.type}, "
         f"torch threads={torch.get_num_threads()}")
     say(f"  model: {s.path}")
+    if s.peft_broken:
+        import peft
+        import transformers
+
+        say(f"  NOTE: PEFT {peft.__version__}'s own forward fails on transformers {transformers.__version__} "
+            f"({s.peft_broken[:120]}); the 'PEFT' side below runs PEFT's specified semantics "
+            "(ptune_fast.oracle: the prefix in a transformers cache, the unpatched model) with PEFT's own "
+            "parameters. ptune_fast works where PEFT breaks.")
     say(f"  trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / n_all:.2f}%): prefix "
         f"[{nv}, 2*{L}*{s.pcfg.token_dim}] + new classifier head")
     say(f"  synthetic sentiment task: {len(s.train)} train / {len(s.evalset)} eval sentences "
@@ -432,7 +461,7 @@ def report(s: Setup, tr: dict, memory: dict, say) -> dict:
         return f"{x['median_ms']:.1f} [{x['q1_ms']:.1f}-{x['q3_ms']:.1f}] ms"
 
     say("")
-    say(f"{'':34s}{'PEFT':>26s}{'PEFT+ptune_fast':>28s}")
+    say(f"{'':34s}{'PEFT spec (oracle)' if s.peft_broken else 'PEFT':>26s}{'PEFT+ptune_fast':>28s}")
     say(f"{'final train loss (last step)':34s}{final_loss['PEFT']:>26.6f}{final_loss['ptune_fast']:>28.6f}")
     say(f"{'eval accuracy before -> after':34s}{h0['acc']['PEFT']:>18.3f} -> {h1['acc']['PEFT']:.3f}"
         f"{h0['acc']['ptune_fast']:>20.3f} -> {h1['acc']['ptune_fast']:.3f}")

@@ -95,6 +95,7 @@ def fold(model, deep: Optional[bool] = None) -> dict:
             state.extra.update(extra)
             return keys, values
 
+        static.static = True  # no encoder, no virtual-token pass: PrefixState does not count it as an encoder run
         state.provider = static
         state.clear()
         report["static"]["keys"] = tuple(keys.shape)

@@ -8,7 +8,7 @@ import torch
 
 import ptune_fast
 from ptune_fast.integrations.core import backbone_of, describe
-from tests.oracle import PREFIX, Oracle
+from ptune_fast.oracle import PREFIX, Oracle
 
 
 def run(model, ids, mask, labels, **kw):
@@ -57,12 +57,12 @@ def unpatched(pm):
             ptune_fast.patch(pm, prompt_pass=prompt_pass)
 
 
-def oracle_run(pm, method, ids, mask, labels, causal_lm=True):
+def oracle_run(pm, method, ids, mask, labels, causal_lm=True, **kw):
     """Oracle ``(logits, loss, grads)`` with the gradient keys named as in the PEFT model."""
     orc = oracle_for(pm, method)
     with unpatched(pm):
         pm.zero_grad(set_to_none=True)
-        out = orc.forward(ids, mask, labels, causal_lm=causal_lm)
+        out = orc.forward(ids, mask, labels, causal_lm=causal_lm, **kw)
         out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if p.requires_grad and p.grad is not None}
     return out.logits.detach(), out.loss.detach(), grads

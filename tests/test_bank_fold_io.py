@@ -155,7 +155,7 @@ def test_fold_refuses_bidirectional():
     ptune_fast.patch(pm)
     with pytest.raises(ValueError, match="bidirectional"):
         ptune_fast.fold(pm, deep=True)
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ValueError, match="bidirectional attention"):
         PromptAdapter.prompt_tuning(tiny_model("bert"), 4)
 
 

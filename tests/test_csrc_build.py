@@ -69,8 +69,11 @@ def _schemas():
 def test_op_schemas_match_fake_impls():
     schemas = _schemas()
     assert set(schemas) == {"decode_attention", "encoder_mlp_fwd"}
-    from ptune_fast.ops import decode_attention as da
-    from ptune_fast.ops import prompt_encoder as pe
+    import importlib
+
+    # the module, not the function ptune_fast.ops exports under the same name
+    da = importlib.import_module("ptune_fast.ops.decode_attention")
+    pe = importlib.import_module("ptune_fast.ops.prompt_encoder")
 
     # the fake impls are defined inside _load_ops: compare with the source of those functions
     for mod, op in ((da, "decode_attention"), (pe, "encoder_mlp_fwd")):
@@ -133,7 +136,9 @@ m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 sys.modules["ptune_fast._C"] = m
 import ptune_fast; ptune_fast._C = m
 assert m.built_archs() == ["8.0", "9.0+PTX"], m.built_archs()
-from ptune_fast.ops import decode_attention as da, prompt_encoder as pe
+import importlib
+da = importlib.import_module("ptune_fast.ops.decode_attention")
+pe = importlib.import_module("ptune_fast.ops.prompt_encoder")
 assert da._load_ops() and pe._load_ops()
 from torch._subclasses.fake_tensor import FakeTensorMode
 with FakeTensorMode():

@@ -61,8 +61,9 @@ def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None
         causal=bool(is_causal),
         scale=scaling,
         dropout_p=float(dropout) if module.training else 0.0,
+        out_layout="bshd",  # transformers' layout, written in place by the Triton kernel (no transpose copy)
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
 
 
 def ptune_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -71,6 +71,7 @@ class Capabilities:
     backbone: str = "model"  # dotted name of the module that takes position_ids and the cache
     attention: tuple = ()  # dotted names of the modules that call the attention interface
     position_error: Optional[str] = None  # why no position rule reproduces the model (prefix paths refused)
+    shared_error: Optional[str] = None  # why the shared virtual-token pass is not exact here (per-row instead)
 
     def spec(self) -> dict:
         """What an adapter must agree on with its base model."""

@@ -34,7 +34,7 @@ def describe(hf_model) -> Capabilities:
     """:func:`capabilities.describe`, probed once per model and kept on it."""
     caps = hf_model.__dict__.get("_ptune_fast_caps")
     if caps is None:
-        caps = _positions.verify(hf_model, _describe(hf_model))
+        caps = _positions.verify_shared(hf_model, _positions.verify(hf_model, _describe(hf_model)))
         hf_model.__dict__["_ptune_fast_caps"] = caps
     return caps
 
@@ -122,7 +122,7 @@ class Attachment:
             )
 
     def _pre_hook(self, module, args, kwargs):
-        if self.state.computing:  # the shared virtual-token pass runs the backbone plainly
+        if self.state.computing or self.state.disabled:  # shared pass / disable_adapter: run plainly
             return None
         if args:
             kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
@@ -137,6 +137,10 @@ class Attachment:
                 raise ValueError(f"task_ids has {tids.shape[0]} rows but the batch has {B}")
             self.state.task_ids = tids.repeat_interleave(B // tids.shape[0])
         past = compat.get_cache(kwargs)
+        if past is not None and "static" in type(past).__name__.lower():
+            raise NotImplementedError(
+                f"ptune_fast does not serve {type(past).__name__} (generate(cache_implementation='static')): its "
+                "fixed-size buffers break the prefix bookkeeping; use the default dynamic cache")
         past_len = compat.cache_length(past)
         ignore = self.ignore_position_ids
         if isinstance(ignore, torch.Tensor):  # one flag per bank task: each row follows its task

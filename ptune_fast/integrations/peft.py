@@ -11,8 +11,11 @@ Numbers equal PEFT's; ``unpatch`` restores PEFT's own code paths.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
+
+import torch
 
 from ptune_fast import reference
 from ptune_fast.encoders import encode
@@ -32,24 +35,6 @@ def _peft_type(cfg) -> str:
 
 def is_patched(model) -> bool:
     return hasattr(model, _ATTR)
-
-
-def _prefix_provider(peft_model, adapter):
-    cfg = peft_model.peft_config[adapter]
-    enc = peft_model.prompt_encoder[adapter]
-    P, L = cfg.num_virtual_tokens, cfg.num_layers
-    Hkv = cfg.num_attention_heads
-    D = cfg.token_dim // cfg.num_attention_heads
-
-    def provider():
-        out = encode(enc)[:P]
-        dtype = peft_model.base_model_torch_dtype
-        if dtype is not None:
-            out = out.to(dtype)
-        keys, values = reference.split_prefix(out, L, Hkv, D)
-        return keys.contiguous(), values.contiguous()
-
-    return provider
 
 
 def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
@@ -82,9 +67,17 @@ def _patched_forward_shared(self, input_ids=None, attention_mask=None, inputs_em
     out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                           return_dict=True, **kwargs)
+    extra = patch.state.extra
     if labels is not None:
         out.loss = shared_pass.causal_lm_loss(patch.hf_model, out.logits, labels,
-                                              shared_pass.first_logits(patch.hf_model, patch.state.extra))
+                                              shared_pass.first_logits(patch.hf_model, extra),
+                                              num_items_in_batch=kwargs.get("num_items_in_batch"))
+    if patch.outputs == "peft" and not patch.state.disabled:
+        # PEFT's layout: the n virtual positions first. Their logits are the same for every row:
+        # computed once by the shared pass and broadcast.
+        virtual = extra["virtual_logits"].to(out.logits.dtype)
+        B = out.logits.shape[0]
+        out.logits = torch.cat([virtual.unsqueeze(0).expand(B, -1, -1), out.logits], dim=1)
     return out if return_dict is not False else out.to_tuple()
 
 
@@ -125,7 +118,31 @@ def _patched_prepare_inputs_for_generation(self, *args, **kwargs):
     return out
 
 
+@contextlib.contextmanager
+def _patched_disable_adapter(self):
+    """PEFT's ``disable_adapter`` plus ours: no prefix and no position shift inside."""
+    patch = getattr(self, _ATTR)
+    state = patch.state
+    with type(self).disable_adapter(self):
+        prev = None if state is None else state.disabled
+        if state is not None:
+            state.disabled = True
+        try:
+            yield
+        finally:
+            if state is not None:
+                state.disabled = prev
+
+
 def _patched_generate_prefix(self, *args, **kwargs):
+    patch = getattr(self, _ATTR)
+    if not patch.state.disabled:
+        patch.check_adapter()
+    with patch.state.holding():  # the prefix is computed once for the whole generate call
+        return _generate_base(self, *args, **kwargs)
+
+
+def _generate_base(self, *args, **kwargs):
     base = self.base_model
     if hasattr(base, "model"):
         base.model.generation_config = self.generation_config
@@ -135,8 +152,9 @@ def _patched_generate_prefix(self, *args, **kwargs):
 
 
 class PeftPatch:
-    def __init__(self, peft_model, prompt_pass: str = "auto"):
+    def __init__(self, peft_model, prompt_pass: str = "auto", outputs: str = "peft"):
         self.peft_model = peft_model
+        self.outputs = outputs
         self.adapter = peft_model.active_adapter
         cfg = peft_model.peft_config[self.adapter]
         self.method = _peft_type(cfg)
@@ -149,13 +167,13 @@ class PeftPatch:
         self.cache_name = compat.cache_kwarg(hf)
         caps = describe(hf)
         task = str(getattr(cfg.task_type, "value", cfg.task_type))
-        can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM" and caps.causal
-                     and caps.position_error is None)
+        can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM"
+                     and caps.shared_error is None)
         if prompt_pass == "shared" and not can_share:
             raise ValueError(
                 "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM model with causal attention "
                 f"whose positions ptune_fast reproduces; got {self.method} / {task} / {caps.model_type!r} "
-                f"(causal attention: {caps.causal}; positions: {caps.position_error or 'ok'})"
+                f"({caps.shared_error})"
             )
         if self.method == "PREFIX_TUNING":
             peft_layout = (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads)
@@ -167,6 +185,29 @@ class PeftPatch:
                 )
         self.shared = can_share and prompt_pass != "per_row"
 
+    # Providers are bound methods (not closures): copy.deepcopy of the patched model rebinds them
+    # to the copy's own encoder.
+    def _encoder(self):
+        return self.peft_model.prompt_encoder[self.adapter]
+
+    def _encoder_parameters(self):
+        return self._encoder().parameters()
+
+    def _prefix_kv(self):
+        cfg = self.peft_model.peft_config[self.adapter]
+        P, L, Hkv = cfg.num_virtual_tokens, cfg.num_layers, cfg.num_attention_heads
+        out = encode(self._encoder())[:P]
+        dtype = self.peft_model.base_model_torch_dtype
+        if dtype is not None:
+            out = out.to(dtype)
+        keys, values = reference.split_prefix(out, L, Hkv, cfg.token_dim // Hkv)
+        return keys.contiguous(), values.contiguous()
+
+    def _shared_kv(self):
+        prompts = encode(self._encoder()).to(self.hf_model.get_input_embeddings().weight.dtype)
+        return shared_pass.virtual_token_kv(self.hf_model, backbone_of(self.hf_model), prompts, self.state,
+                                            all_logits=self.outputs == "peft")
+
     def _override(self, name, fn):
         self.saved[name] = self.peft_model.__dict__.get(name, None)
         setattr(self.peft_model, name, types.MethodType(fn, self.peft_model))
@@ -175,21 +216,15 @@ class PeftPatch:
         pm = self.peft_model
         if self.method == "PREFIX_TUNING":
             cfg = pm.peft_config[self.adapter]
-            state = PrefixState(_prefix_provider(pm, self.adapter),
-                                lambda: pm.prompt_encoder[self.adapter].parameters(),
-                                cfg.num_virtual_tokens)
+            state = PrefixState(self._prefix_kv, self._encoder_parameters, cfg.num_virtual_tokens)
             self.attachment = attach_prefix(self.hf_model, state)
             self._override("forward", _patched_forward_prefix)
             self._override("get_prompt", _patched_get_prompt_prefix)
             if hasattr(type(pm), "generate"):
                 self._override("generate", _patched_generate_prefix)
         elif self.shared:
-            enc = pm.prompt_encoder[self.adapter]
             cfg = pm.peft_config[self.adapter]
-            state = PrefixState(None, lambda: enc.parameters(), cfg.num_virtual_tokens)
-            backbone = backbone_of(self.hf_model)
-            state.provider = shared_pass.make_provider(self.hf_model, backbone, enc, state,
-                                                       lambda: self.hf_model.get_input_embeddings().weight.dtype)
+            state = PrefixState(self._shared_kv, self._encoder_parameters, cfg.num_virtual_tokens)
             self.attachment = attach_prefix(self.hf_model, state, ignore_position_ids=True)
             self._override("forward", _patched_forward_shared)
             self._override("generate", _patched_generate_prefix)
@@ -197,6 +232,8 @@ class PeftPatch:
             self._override("get_prompt", _patched_get_prompt_tokens)
             if self.cache_name != "past_key_values" and hasattr(type(pm), "prepare_inputs_for_generation"):
                 self._override("prepare_inputs_for_generation", _patched_prepare_inputs_for_generation)
+        if self.attachment is not None:
+            self._override("disable_adapter", _patched_disable_adapter)
         setattr(pm, _ATTR, self)
         return pm
 
@@ -223,7 +260,7 @@ class PeftPatch:
         delattr(pm, _ATTR)
 
 
-def patch_peft(peft_model, prompt_pass: str = "auto"):
+def patch_peft(peft_model, prompt_pass: str = "auto", outputs: str = "peft"):
     """Patch a PEFT ``PeftModel`` in place (see the module docstring). Returns the model.
 
     ``prompt_pass`` (P_TUNING / PROMPT_TUNING): ``"shared"`` runs the virtual tokens once per
@@ -233,13 +270,17 @@ def patch_peft(peft_model, prompt_pass: str = "auto"):
     """
     if prompt_pass not in ("auto", "shared", "per_row"):
         raise ValueError(f"prompt_pass must be 'auto', 'shared' or 'per_row', got {prompt_pass!r}")
+    if outputs not in ("peft", "real"):
+        raise ValueError(f"outputs must be 'peft' (n virtual + S real positions, as PEFT) or 'real' (S real "
+                         f"positions only), got {outputs!r}")
     if is_patched(peft_model):
-        current = getattr(peft_model, _ATTR).prompt_pass
-        if current != prompt_pass:
-            raise ValueError(
-                f"this model is already patched with prompt_pass={current!r}; unpatch() it before patching with "
-                f"prompt_pass={prompt_pass!r}"
-            )
+        current = getattr(peft_model, _ATTR)
+        for name, want in (("prompt_pass", prompt_pass), ("outputs", outputs)):
+            if getattr(current, name) != want:
+                raise ValueError(
+                    f"this model is already patched with {name}={getattr(current, name)!r}; unpatch() it before "
+                    f"patching with {name}={want!r}"
+                )
         return peft_model
     cfg = peft_model.active_peft_config
     method = _peft_type(cfg)
@@ -252,7 +293,7 @@ def patch_peft(peft_model, prompt_pass: str = "auto"):
         raise ValueError(f"ptune_fast supports task types CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION, got {task}")
     if not cfg.num_virtual_tokens or cfg.num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens must be >= 1, got {cfg.num_virtual_tokens!r} in the PEFT config")
-    return PeftPatch(peft_model, prompt_pass).install()
+    return PeftPatch(peft_model, prompt_pass, outputs).install()
 
 
 def unpatch_peft(peft_model):

@@ -13,6 +13,11 @@ random prefix in a transformers cache (PEFT's semantics, the model's own attenti
 per candidate rule through ptune_fast's attention, on a tiny left-padded batch, and keeps the
 first rule that reproduces the hidden states. No rule -> the prefix paths are refused for that
 model (``Capabilities.position_error``).
+
+:func:`verify_shared` checks the shared virtual-token pass the same way (virtual tokens run once
+and attended as a prefix vs prepended to every row, PEFT's layout); where they differ (e.g. hybrid
+models whose recurrent layers carry the virtual tokens in a state, not in attention K/V),
+``Capabilities.shared_error`` says why and prompt methods run per row.
 """
 from __future__ import annotations
 
@@ -81,7 +86,8 @@ def verify(hf_model, caps):
     modules = [hf_model.get_submodule(n) for n in caps.attention]
     emb = hf_model.get_input_embeddings()
     device, dtype = emb.weight.device, emb.weight.dtype
-    L, H, D, P, S = caps.num_layers, caps.num_kv_heads, caps.head_dim, 2, 5
+    L, H, D, P = caps.num_layers, caps.num_kv_heads, caps.head_dim, 2
+    S = 5 if caps.sliding_window is None else max(2, min(5, caps.sliding_window - P))  # fit the window
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(L, H, P, D, generator=g).to(device, dtype)
     values = torch.randn(L, H, P, D, generator=g).to(device, dtype)
@@ -139,3 +145,92 @@ def verify(hf_model, caps):
     return dataclasses.replace(caps, position_error=(
         "no position rule reproduces the model with a cached prefix (its forward may ignore position_ids): "
         + "; ".join(f"{r}: {e}" for r, e in errors.items())))
+
+
+def _scale_tol(ref, real, dtype):
+    scale = ref.float().masked_fill(~real, 0).abs().max().item() + 1e-6
+    return (1e-4 if dtype in (torch.float32, torch.float64) else 3e-2) * scale
+
+
+def verify_shared(hf_model, caps):
+    """``caps`` with ``shared_error`` set where the shared pass does not reproduce the per-row layout."""
+    if not caps.causal:
+        return dataclasses.replace(caps, shared_error="bidirectional attention: virtual tokens see the row")
+    if caps.position_error is not None:
+        return dataclasses.replace(caps, shared_error=caps.position_error)
+    from ptune_fast.integrations.shared_pass import virtual_token_kv
+
+    backbone = hf_model.get_submodule(caps.backbone)
+    modules = [hf_model.get_submodule(n) for n in caps.attention]
+    emb = hf_model.get_input_embeddings()
+    device, dtype = emb.weight.device, emb.weight.dtype
+    n = 3
+    S = 4 if caps.sliding_window is None else max(2, min(4, caps.sliding_window - n))  # fit the window
+    g = torch.Generator().manual_seed(1)
+    vocab = emb.num_embeddings
+    ids = torch.randint(min(3, vocab - 1), vocab, (2, S), generator=g).to(device)
+    mask = torch.ones(2, S, dtype=torch.long, device=device)
+    mask[1, :1] = 0
+    previous = hf_model.config._attn_implementation
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        with torch.no_grad():
+            prompts = emb(torch.randint(min(3, vocab - 1), vocab, (n,), generator=g).to(device))
+            try:
+                embeds = torch.cat([prompts.unsqueeze(0).expand(2, -1, -1), emb(ids)], dim=1)
+                ref = _hidden(backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.new_ones(2, n), mask], 1)))
+                ref = ref[:, n:]
+
+                class _Extra:
+                    extra = {}
+
+                keys, values = virtual_token_kv(hf_model, backbone, prompts, _Extra())
+            except Exception as exc:  # noqa: BLE001
+                return dataclasses.replace(caps, shared_error=f"the virtual-token pass fails ({type(exc).__name__}: {exc})")
+            _attention.register()
+            hf_model.set_attn_implementation(_attention.NAME)
+            state = _StaticState(keys, values)
+            for m in modules:
+                m._ptune_fast_state = state
+            pos = position_ids(caps, {"input_ids": ids, "attention_mask": mask}, n, S, 0, device, ignore_given=True)
+            out = _hidden(backbone(input_ids=ids, attention_mask=mask, position_ids=pos))
+            real = mask.bool()[..., None]
+            err = (out.float() - ref.float()).masked_fill(~real, 0).abs().max().item()
+            tol = _scale_tol(ref, real, dtype)
+            if err > tol:
+                return dataclasses.replace(caps, shared_error=(
+                    f"running the virtual tokens once does not reproduce prepending them (max |diff| {err:.3g}, "
+                    f"tolerance {tol:.3g}; e.g. recurrent layers carry them in a state)"))
+            loss_error = _check_loss(hf_model, embeds, mask, ids, n)
+            if loss_error:
+                return dataclasses.replace(caps, shared_error=loss_error)
+    finally:
+        for m in modules:
+            m.__dict__.pop("_ptune_fast_state", None)
+        hf_model.set_attn_implementation(previous)
+        hf_model.train(was_training)
+    return caps
+
+
+def _check_loss(hf_model, embeds, mask, ids, n):
+    """The shared pass rebuilds PEFT's causal-LM loss as the shifted token cross-entropy; check the
+    model's own loss is that (some heads expect pre-shifted labels, e.g. Whisper's decoder)."""
+    from ptune_fast.integrations.shared_pass import causal_lm_loss
+
+    if not hasattr(hf_model, "get_output_embeddings") or hf_model.get_output_embeddings() is None:
+        return None
+    labels = ids.masked_fill(mask == 0, -100)
+    full_labels = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+    full_mask = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+    try:
+        out = hf_model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels)
+    except Exception as exc:  # noqa: BLE001
+        return f"its forward with labels fails on inputs_embeds ({type(exc).__name__}: {exc})"
+    if getattr(out, "loss", None) is None:
+        return "its forward returns no loss"
+    mine = causal_lm_loss(hf_model, out.logits[:, n:], labels, out.logits[:, n - 1])
+    if abs(mine.item() - out.loss.item()) > 1e-4 * max(1.0, abs(out.loss.item())):
+        return (f"its causal-LM loss is not the shifted token cross-entropy ({out.loss.item():.5g} vs "
+                f"{mine.item():.5g}), which the shared pass rebuilds")
+    return None

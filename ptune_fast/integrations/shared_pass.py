@@ -15,6 +15,8 @@ token; :func:`causal_lm_loss` keeps that term, using the shared pass's last hidd
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -22,9 +24,25 @@ from ptune_fast.encoders import encode
 from ptune_fast.integrations import compat
 
 
-def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state):
+@contextlib.contextmanager
+def _no_checkpointing(model):
+    """Gradient checkpointing off for the shared pass (n tokens, once per step): with it on,
+    transformers drops the cache the pass reads its K/V from. The rows' pass keeps checkpointing."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
+def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state, all_logits: bool = False):
     """Run ``prompts [n, d]`` through ``backbone`` once; return per-layer ``(keys, values)``
-    ``[L, Hkv, n, D]`` and store the last virtual token's final hidden state in ``state.extra``."""
+    ``[L, Hkv, n, D]``. ``state.extra`` gets the last virtual token's final hidden state and logits
+    (``last_hidden``, ``first_logits``) and, with ``all_logits``, every virtual token's logits
+    (``virtual_logits [n, V]``, PEFT's output layout)."""
     cache = compat.new_dynamic_cache(hf_model.config)
     # The virtual tokens attend only to each other: run the backbone with no prefix and no
     # position shift, whatever ptune_fast state is attached to the model.
@@ -34,22 +52,26 @@ def virtual_token_kv(hf_model, backbone, prompts: torch.Tensor, state):
         attached.state.computing = True
     head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
     seen = {}
+    # .clone(): some families scale inputs_embeds in place (CTRL), and a prompt table is a leaf
     try:
         if head is not None:
             # Run the whole causal LM: its own head gives the last virtual token's logits (which
             # predict each row's first real token) with every family's logit scaling / capping.
             grab = backbone.register_forward_hook(lambda m, a, o: seen.setdefault("hidden", o))
-            kw = {"logits_to_keep": 1} if compat.accepts(hf_model, "logits_to_keep") else {}
+            kw = {"logits_to_keep": 1} if compat.accepts(hf_model, "logits_to_keep") and not all_logits else {}
             try:
-                out = hf_model(inputs_embeds=prompts.unsqueeze(0), use_cache=True, return_dict=True,
-                               **{compat.cache_kwarg(hf_model): cache}, **kw)
+                with _no_checkpointing(hf_model):
+                    out = hf_model(inputs_embeds=prompts.unsqueeze(0).clone(), use_cache=True, return_dict=True,
+                                   **{compat.cache_kwarg(hf_model): cache}, **kw)
             finally:
                 grab.remove()
             state.extra["first_logits"] = out.logits[0, -1]
+            state.extra["virtual_logits"] = out.logits[0] if all_logits else None
             hidden = seen["hidden"]
         else:
-            hidden = backbone(inputs_embeds=prompts.unsqueeze(0), use_cache=True, return_dict=True,
-                              **{compat.cache_kwarg(backbone): cache})
+            with _no_checkpointing(hf_model):
+                hidden = backbone(inputs_embeds=prompts.unsqueeze(0).clone(), use_cache=True, return_dict=True,
+                                  **{compat.cache_kwarg(backbone): cache})
             state.extra["first_logits"] = None
     finally:
         if attached is not None:
@@ -74,18 +96,8 @@ def first_logits(hf_model, extra) -> torch.Tensor:
     return head(hidden.to(head.weight.dtype))
 
 
-def make_provider(hf_model, backbone, encoder, state, dtype_of):
-    """Provider for :class:`PrefixState`: encoder once, then the shared pass."""
-
-    def provider():
-        prompts = encode(encoder).to(dtype_of())
-        return virtual_token_kv(hf_model, backbone, prompts, state)
-
-    return provider
-
-
 def causal_lm_loss(hf_model, logits: torch.Tensor, labels: torch.Tensor, first: torch.Tensor,
-                   has_first=None) -> torch.Tensor:
+                   has_first=None, num_items_in_batch=None) -> torch.Tensor:
     """PEFT's loss for ``[virtual ; real]`` sequences with labels ``-100`` on the virtual part,
     from the real tokens' ``logits [B, S, V]`` and the last virtual token's logits ``first``
     (``[V]`` shared, or ``[B, V]`` per row, see :func:`first_logits`), which predict each row's
@@ -98,4 +110,11 @@ def causal_lm_loss(hf_model, logits: torch.Tensor, labels: torch.Tensor, first: 
         first_labels = first_labels.masked_fill(~has_first.to(logits.device)[:, None], -100)
     shifted = torch.cat([first[:, None].to(logits.dtype), logits[:, :-1]], dim=1)
     lab = torch.cat([first_labels, labels[:, 1:].to(logits.device)], dim=1)
-    return F.cross_entropy(shifted.float().reshape(-1, V), lab.reshape(-1), ignore_index=-100)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shifted.float().reshape(-1, V), lab.reshape(-1), ignore_index=-100)
+    # HF Trainer passes the number of label tokens of the whole (accumulated) batch: sum / count,
+    # as transformers' ForCausalLMLoss does
+    total = F.cross_entropy(shifted.float().reshape(-1, V), lab.reshape(-1), ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -1,7 +1,8 @@
 """A PEFT-free oracle: PEFT's *specified* semantics computed through the unpatched transformers model.
 
 It never runs PEFT's code, so a PEFT or transformers release that breaks PEFT cannot break or
-fake our parity tests:
+fake our parity tests (tests/), and the demo and benchmarks have a reference where PEFT itself
+fails (PEFT 0.21.2 on transformers 5.24):
 
 * encoder outputs from ``ptune_fast.reference`` (fp64-capable, readable) on the encoder's weights
   (PEFT's parameter names: ``embedding``, ``transform``, ``mlp_head``, ``lstm_head``);
@@ -99,20 +100,20 @@ class Oracle:
     def n(self):
         return self.encoder.embedding.weight.shape[0]
 
-    def forward(self, input_ids, attention_mask, labels=None, causal_lm=True, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels=None, causal_lm=True, position_ids=None, **kwargs):
         out = encoder_output(self.encoder).to(self.dtype)
         B = input_ids.shape[0]
         if self.method in PREFIX:
             keys, values = prefix_kv(out, self.num_layers, self.num_kv_heads, B)
             kw = {} if position_ids is None else {"position_ids": position_ids + out.shape[0]}
             with _prefix_in_cache(self.model, self.backbone, keys, values):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw, **kwargs)
         emb = self.model.get_input_embeddings()(input_ids)
         embeds = torch.cat([out.unsqueeze(0).expand(B, -1, -1).to(emb.dtype), emb], dim=1)
         mask = torch.cat([attention_mask.new_ones(B, self.n), attention_mask], dim=1)
         if labels is not None and causal_lm:
             labels = torch.cat([labels.new_full((B, self.n), -100), labels], dim=1)
-        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     def real_logits(self, logits, S):
         """The S real positions' logits (prompt methods also return the n virtual ones)."""
@@ -136,3 +137,31 @@ class Oracle:
             if done.all():
                 break
         return ids
+
+
+class PeftSpec(nn.Module):
+    """A stand-in for a PEFT prefix-tuning model whose own forward is broken: PEFT's specified
+    semantics (:class:`Oracle`) with the PEFT model's own parameters (trainable as they are).
+    The PEFT model must not be patched."""
+
+    def __init__(self, peft_model, method="prefix"):
+        super().__init__()
+        from ptune_fast.integrations.core import backbone_of
+
+        self.peft_model = peft_model
+        cfg = peft_model.active_peft_config
+        hf = peft_model.get_base_model()
+        task = str(getattr(cfg.task_type, "value", cfg.task_type))
+        self.causal_lm = task == "CAUSAL_LM"
+        self.oracle = Oracle(hf, method, peft_model.prompt_encoder[peft_model.active_adapter], backbone_of(hf),
+                             cfg.num_layers, cfg.num_attention_heads)
+
+    @property
+    def peft_config(self):
+        return self.peft_model.peft_config
+
+    def get_base_model(self):
+        return self.peft_model.get_base_model()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        return self.oracle.forward(input_ids, attention_mask, labels, causal_lm=self.causal_lm, **kwargs)
