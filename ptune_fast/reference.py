@@ -244,7 +244,8 @@ def encoder_mlp(
     out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``x [n, d_in]`` through ``Linear (act Linear)*``: the activation (``"tanh"`` or
-    ``"relu"``) sits between layers, not after the last. fp32 math, output in ``out_dtype``.
+    ``"relu"``) sits between layers, not after the last. fp32 math (fp64 for fp64 inputs), output
+    in ``out_dtype``.
 
     Prefix tuning's projection is ``Linear-Tanh-Linear``; P-tuning's MLP head is
     ``Linear-ReLU-Linear-ReLU-Linear``.
@@ -252,9 +253,11 @@ def encoder_mlp(
     if activation not in ("tanh", "relu"):
         raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
     act = torch.tanh if activation == "tanh" else torch.relu
-    h = x.float()
+    # fp32 math, or fp64 when the encoder was moved to float64 (model.to(torch.float64))
+    cd = torch.float64 if torch.float64 in (x.dtype, *(w.dtype for w in weights)) else torch.float32
+    h = x.to(cd)
     for i, (w, b) in enumerate(zip(weights, biases)):
-        h = F.linear(h, w.float(), None if b is None else b.float())
+        h = F.linear(h, w.to(cd), None if b is None else b.to(cd))
         if i < len(weights) - 1:
             h = act(h)
     return h.to(out_dtype or x.dtype)

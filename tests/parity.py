@@ -39,7 +39,8 @@ def oracle_for(pm, method) -> Oracle:
     """The PEFT-free oracle of a PEFT prompt-learning model (computed from its encoder's weights)."""
     cfg = pm.active_peft_config
     hf = pm.get_base_model()
-    return Oracle(hf, method, pm.prompt_encoder[pm.active_adapter], backbone_of(hf),
+    backbone = backbone_of(hf) if method in PREFIX else None  # prompt methods need no cache hand-off
+    return Oracle(hf, method, pm.prompt_encoder[pm.active_adapter], backbone,
                   cfg.num_layers, cfg.num_attention_heads)
 
 

@@ -159,3 +159,56 @@ def test_static_cache_is_refused_clearly():
     with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
         pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=1,
                     cache_implementation="static")
+
+
+@pytest.mark.parametrize("method", ["prefix_proj", "ptuning_mlp", "ptuning_lstm"])
+def test_float64_encoders_compute_in_float64(method):
+    """model.to(torch.float64): the projection / P-tuning encoders compute in fp64 (torch's own
+    modules in fp64 are the reference), and the patched model equals the fp64 oracle."""
+    from ptune_fast.encoders import encode
+
+    pm = peft_model("llama", method).to(torch.float64)
+    enc = pm.prompt_encoder["default"]
+    with torch.no_grad():
+        x = enc.embedding.weight
+        if method == "prefix_proj":
+            want = enc.transform(x)
+        elif method == "ptuning_mlp":
+            want = enc.mlp_head(x)
+        else:
+            want = enc.mlp_head(enc.lstm_head(x.unsqueeze(0))[0].squeeze(0))
+        got = encode(enc)
+    assert got.dtype == torch.float64 and (got - want).abs().max().item() <= 1e-12
+    ids, mask, labels = batch("llama", 2, S, "left")
+    ptune_fast.patch(pm)
+    assert_same(run(pm, ids, mask, labels), oracle_run(pm, method, ids, mask, labels), mask, S, "fp64")
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix_proj"])
+def test_patched_model_called_from_two_threads(method):
+    """Calls from two threads on one patched model are serialised: every result equals the
+    single-threaded one (the shared pass's state would otherwise be seen half-built)."""
+    import threading
+
+    pm = peft_model("llama", method)
+    ptune_fast.patch(pm)
+    inputs = [batch("llama", 2, S, "left", seed=s)[:2] for s in range(2)]
+    with torch.no_grad():
+        want = [pm(input_ids=i, attention_mask=m).logits for i, m in inputs]
+    bad = []
+
+    def work(k):
+        with torch.no_grad():
+            for _ in range(15):
+                got = pm(input_ids=inputs[k][0], attention_mask=inputs[k][1]).logits
+                # not bitwise: a new thread's OpenMP team has its own thread count, so reductions
+                # may round differently (measured 3.8e-6); a state race is O(1) (missing prefix)
+                if (got - want[k]).abs().max().item() > 1e-4:
+                    bad.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, f"{len(bad)} of 30 calls got another call's state"

@@ -12,6 +12,8 @@ Numbers equal PEFT's; ``unpatch`` restores PEFT's own code paths.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import types
 import warnings
 
@@ -37,6 +39,17 @@ def is_patched(model) -> bool:
     return hasattr(model, _ATTR)
 
 
+def _serialised(fn):
+    """Run ``fn`` under the patch's lock: one call at a time per patched model (threads)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with getattr(self, _ATTR).lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+@_serialised
 def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                             output_attentions=None, output_hidden_states=None, return_dict=None,
                             task_ids=None, **kwargs):
@@ -53,6 +66,7 @@ def _patched_forward_prefix(self, input_ids=None, attention_mask=None, inputs_em
                            labels=labels, **common, **kwargs)
 
 
+@_serialised
 def _patched_forward_shared(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                             output_attentions=None, output_hidden_states=None, return_dict=None,
                             task_ids=None, **kwargs):
@@ -134,6 +148,7 @@ def _patched_disable_adapter(self):
                 state.disabled = prev
 
 
+@_serialised
 def _patched_generate_prefix(self, *args, **kwargs):
     patch = getattr(self, _ATTR)
     if not patch.state.disabled:
@@ -155,6 +170,8 @@ class PeftPatch:
     def __init__(self, peft_model, prompt_pass: str = "auto", outputs: str = "peft"):
         self.peft_model = peft_model
         self.outputs = outputs
+        # The prefix state is per model: calls from several threads are serialised (one at a time).
+        self.lock = threading.RLock()
         self.adapter = peft_model.active_adapter
         cfg = peft_model.peft_config[self.adapter]
         self.method = _peft_type(cfg)
@@ -165,15 +182,27 @@ class PeftPatch:
         self.hf_model = hf
         self.prompt_pass = prompt_pass
         self.cache_name = compat.cache_kwarg(hf)
-        caps = describe(hf)
         task = str(getattr(cfg.task_type, "value", cfg.task_type))
-        can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM"
-                     and caps.shared_error is None)
+        try:
+            caps = describe(hf)
+        except UnsupportedModel as exc:
+            # Prompt methods per row need nothing from the attention (PEFT's own layout, encoder run
+            # once and broadcast): only the prefix paths need what was refused.
+            if self.method == "PREFIX_TUNING" or prompt_pass == "shared":
+                raise
+            caps = None
+            refused = str(exc)
+        if caps is None:
+            can_share, model_type, shared_error = False, str(hf.config.model_type), refused
+        else:
+            can_share = (self.method in ("P_TUNING", "PROMPT_TUNING") and task == "CAUSAL_LM"
+                         and caps.shared_error is None)
+            model_type, shared_error = caps.model_type, caps.shared_error
         if prompt_pass == "shared" and not can_share:
             raise ValueError(
                 "prompt_pass='shared' needs P_TUNING or PROMPT_TUNING on a CAUSAL_LM model with causal attention "
-                f"whose positions ptune_fast reproduces; got {self.method} / {task} / {caps.model_type!r} "
-                f"({caps.shared_error})"
+                f"whose positions ptune_fast reproduces; got {self.method} / {task} / {model_type!r} "
+                f"({shared_error})"
             )
         if self.method == "PREFIX_TUNING":
             peft_layout = (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads)
@@ -184,6 +213,20 @@ class PeftPatch:
                     f"(layers, kv heads, head dim) = {peft_layout} does not match the model's attention {model_layout}"
                 )
         self.shared = can_share and prompt_pass != "per_row"
+        if self.method != "PREFIX_TUNING" and not self.shared and getattr(peft_model, "word_embeddings", None) is None:
+            raise UnsupportedModel(
+                f"ptune_fast cannot serve {self.method} per row on model type {model_type!r}: PEFT found no "
+                f"word embeddings in it (its own forward fails the same way); the shared pass is not exact here: "
+                f"{shared_error}")
+
+    def __getstate__(self):  # copy.deepcopy / pickle: a lock is not copied, the copy gets its own
+        state = dict(self.__dict__)
+        state.pop("lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     # Providers are bound methods (not closures): copy.deepcopy of the patched model rebinds them
     # to the copy's own encoder.
