@@ -4,16 +4,34 @@ One import, one call::
 
     import ptune_fast
     model = ptune_fast.patch(peft_model)   # same numbers as PEFT, faster, less memory
+
+Names are imported on first use (PEP 562), so ``python -m ptune_fast --help`` does not pay for
+importing torch and transformers.
 """
-from ptune_fast.ops import prefix_attention
-from ptune_fast.api import patch, unpatch, is_patched
-from ptune_fast.integrations.capabilities import UnsupportedModel
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "is_patched", "prefix_attention", "UnsupportedModel", "__version__"]
 
-from ptune_fast.adapter import PromptAdapter
-from ptune_fast.bank import TaskBank, p_tuning, prefix_tuning, prompt_tuning
-from ptune_fast.fold import fold
+_LAZY = {
+    "patch": "ptune_fast.api", "unpatch": "ptune_fast.api", "is_patched": "ptune_fast.api",
+    "prefix_attention": "ptune_fast.ops",
+    "UnsupportedModel": "ptune_fast.integrations.capabilities",
+    "PromptAdapter": "ptune_fast.adapter",
+    "TaskBank": "ptune_fast.bank", "prefix_tuning": "ptune_fast.bank", "p_tuning": "ptune_fast.bank",
+    "prompt_tuning": "ptune_fast.bank",
+    "fold": "ptune_fast.fold",
+}
+__all__ = sorted(_LAZY) + ["__version__"]
 
-__all__ += ["PromptAdapter", "TaskBank", "prefix_tuning", "p_tuning", "prompt_tuning", "fold"]
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ptune_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -212,3 +212,12 @@ def test_patched_model_called_from_two_threads(method):
     for t in threads:
         t.join()
     assert not bad, f"{len(bad)} of 30 calls got another call's state"
+
+
+def test_mask_errors_name_attention_mask():
+    pm = peft_model("llama", "prefix")
+    ptune_fast.patch(pm)
+    ids, _, _ = batch("llama", 2, S, "none")
+    with pytest.raises(ValueError, match="attention_mask") as err:
+        pm(input_ids=ids, attention_mask=torch.ones(1, S, dtype=torch.bool))  # one row for a batch of two
+    assert "key_padding_mask" not in str(err.value)

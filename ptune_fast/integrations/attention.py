@@ -55,7 +55,17 @@ def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None
         is_causal = getattr(module, "is_causal", True)
     if key.shape[2] < query.shape[2]:  # no cache and a non-causal encoder: T == S always here
         raise ValueError(f"keys ({key.shape[2]}) shorter than queries ({query.shape[2]})")
-    out = prefix_attention(
+    try:
+        out = _attend(query, key, value, pk, pv, task_ids, attention_mask, is_causal, scaling, dropout, module)
+    except ValueError as exc:  # name the user's argument, not the op's
+        if "key_padding_mask" in str(exc):
+            raise ValueError(str(exc).replace("key_padding_mask", "attention_mask")) from None
+        raise
+    return out, None
+
+
+def _attend(query, key, value, pk, pv, task_ids, attention_mask, is_causal, scaling, dropout, module):
+    return prefix_attention(
         query, key, value, pk, pv, task_ids,
         key_padding_mask=attention_mask,
         causal=bool(is_causal),
@@ -63,7 +73,6 @@ def ptune_fast_attention(module, query, key, value, attention_mask, scaling=None
         dropout_p=float(dropout) if module.training else 0.0,
         out_layout="bshd",  # transformers' layout, written in place by the Triton kernel (no transpose copy)
     )
-    return out, None
 
 
 def ptune_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
