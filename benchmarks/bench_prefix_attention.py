@@ -106,7 +106,15 @@ def build(impl, x):
         kk = repeat_kv(torch.cat([x["pk"].unsqueeze(0).expand(B, -1, -1, -1), x["k"]], 2), H // HKV).contiguous()
         vv = repeat_kv(torch.cat([x["pv"].unsqueeze(0).expand(B, -1, -1, -1), x["v"]], 2), H // HKV).contiguous()
         leaves = [x["q"].detach().requires_grad_(), kk.requires_grad_(), vv.requires_grad_()]
-        m = peft_mask(x["mask"], B, S, P, T)
+        if bool(x["mask"].all()):
+            # no padding: bottom-right causal over [prefix ; K/V] is exactly torch's lower-right causal
+            # bias, which keeps SDPA on its flash / memory-efficient kernels (torch's is_causal=True is
+            # top-left when S != P + T: less work and another pattern)
+            from torch.nn.attention.bias import causal_lower_right
+
+            m = causal_lower_right(S, P + T)
+        else:
+            m = peft_mask(x["mask"], B, S, P, T)
         return (lambda: F.scaled_dot_product_attention(leaves[0], leaves[1], leaves[2], attn_mask=m)), leaves
     raise KeyError(impl)
 
