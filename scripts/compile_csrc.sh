@@ -7,6 +7,8 @@
 #   bash scripts/compile_csrc.sh --bindings       # + g++ -fsyntax-only of csrc/bindings.cpp
 #   bash scripts/compile_csrc.sh --bindings-only  #   against the installed torch's headers
 #       (PTUNE_FAST_CHECK_BINDINGS=1 = --bindings; ~25 s of CPU: torch/extension.h is big)
+#   OBJ_DIR=dir bash scripts/compile_csrc.sh  # keep the objects (<name>.sm_<arch>.o, -fPIC) in dir,
+#       e.g. for the test that links them into an extension (tests/test_csrc_build.py: one build)
 #
 # One nvcc process per (file, arch) pair, JOBS at a time (default: number of cores).
 set -euo pipefail
@@ -28,6 +30,8 @@ command -v "$NVCC" >/dev/null 2>&1 || { echo "compile_csrc: $NVCC not found" >&2
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+obj_dir="${OBJ_DIR:-$tmp}"
+mkdir -p "$obj_dir"
 
 shopt -s nullglob
 sources=("$here"/csrc/*.cu)
@@ -47,15 +51,15 @@ if [ "$compile_cu" = "1" ]; then
     # The -D/--expt flags are those torch's CUDAExtension adds (no implicit half/bf16 conversions).
     if "$NVCC" -std=c++17 -O3 -lineinfo -Werror all-warnings -Xcompiler -Wall \
         -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-        -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
-        -gencode "arch=compute_$arch,code=sm_$arch" -I"$here/csrc" -c "$src" -o "$tmp/$name.sm_$arch.o" >"$log" 2>&1; then
+        -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -Xcompiler -fPIC \
+        -gencode "arch=compute_$arch,code=sm_$arch" -I"$here/csrc" -c "$src" -o "$obj_dir/$name.sm_$arch.o" >"$log" 2>&1; then
       echo "ok    $name.cu sm_$arch"
     else
       echo "FAIL  $name.cu sm_$arch"; cat "$log"; return 1
     fi
   }
   export -f compile_one
-  export NVCC here tmp
+  export NVCC here tmp obj_dir
 
   printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {}
   echo "compile_csrc: ${#sources[@]} file(s) x archs [$ARCHS] in $(( $(date +%s) - start )) s"
