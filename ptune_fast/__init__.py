@@ -19,14 +19,20 @@ _LAZY = {
     "PromptAdapter": "ptune_fast.adapter",
     "TaskBank": "ptune_fast.bank", "prefix_tuning": "ptune_fast.bank", "p_tuning": "ptune_fast.bank",
     "prompt_tuning": "ptune_fast.bank",
-    "fold": "ptune_fast.fold",
+    "fold": "ptune_fast.folding",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
+
+
+_SUBMODULES = ("ops", "integrations", "reference", "oracle", "encoders", "adapter", "bank", "folding", "io", "api",
+               "info", "demo", "versions")
 
 
 def __getattr__(name):
     module = _LAZY.get(name)
     if module is None:
+        if name in _SUBMODULES:  # ``import ptune_fast; ptune_fast.ops.prefix_attention(...)``
+            return importlib.import_module(f"ptune_fast.{name}")
         raise AttributeError(f"module 'ptune_fast' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -1,4 +1,4 @@
-"""Inference-time folding: what does not change between requests is computed once.
+"""Inference-time folding (``ptune_fast.fold``; the module is ``folding`` so that the name stays the function): what does not change between requests is computed once.
 
 ``fold(model)`` on a :class:`~ptune_fast.TaskBank` or a patched PEFT model, in place:
 
