@@ -221,3 +221,24 @@ def test_mask_errors_name_attention_mask():
     with pytest.raises(ValueError, match="attention_mask") as err:
         pm(input_ids=ids, attention_mask=torch.ones(1, S, dtype=torch.bool))  # one row for a batch of two
     assert "key_padding_mask" not in str(err.value)
+
+
+def test_no_future_warning_from_our_code_paths():
+    """transformers >= 5.24 warns when a forward gets ``past_key_values``: ptune_fast passes the cache
+    under the name the installed forward takes (integrations/compat.py)."""
+    import warnings
+
+    models = {m: peft_model("llama", m) for m in ("prefix_proj", "prompt", "ptuning_lstm")}  # PEFT's own warnings
+    bank_base = tiny_model("qwen2")
+    ids, mask, labels = batch("llama", 2, S, "left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for pm in models.values():
+            ptune_fast.patch(pm)
+            pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            with torch.no_grad():
+                pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=1, num_beams=2)
+        bank = ptune_fast.prompt_tuning(bank_base, 4)
+        bank(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        with torch.no_grad():
+            bank.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=1)
