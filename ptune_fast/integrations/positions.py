@@ -21,6 +21,7 @@ models whose recurrent layers carry the virtual tokens in a state, not in attent
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -75,6 +76,32 @@ class _StaticState:
         return self.keys[idx], self.values[idx], None
 
 
+@contextlib.contextmanager
+def _trial(hf_model, modules):
+    """Eval mode and no grad for a behaviour check; afterwards the model's attention, mode and
+    modules are as they were."""
+    previous = hf_model.config._attn_implementation
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("_ptune_fast_state", None)
+        hf_model.set_attn_implementation(previous)
+        hf_model.train(was_training)
+
+
+def _serve_prefix(hf_model, modules, keys, values):
+    """From here on the model attends through ptune_fast's attention to a fixed prefix."""
+    _attention.register()
+    hf_model.set_attn_implementation(_attention.NAME)
+    state = _StaticState(keys, values)
+    for m in modules:
+        m._ptune_fast_state = state
+
+
 def _hidden(out):
     h = getattr(out, "last_hidden_state", None)
     return h if h is not None else out[0]
@@ -103,45 +130,31 @@ def verify(hf_model, caps):
     candidates = [caps.positions] + [r for r in RULES if r != caps.positions]
     if caps.padding_idx is None:
         candidates.remove("padding_idx")
-    previous = hf_model.config._attn_implementation
-    was_training = hf_model.training
     errors = {}
-    hf_model.eval()
-    try:
-        with torch.no_grad():
-            cache = compat.prefix_cache(hf_model.config, keys[:, None].expand(L, 2, H, P, D).contiguous(),
-                                        values[:, None].expand(L, 2, H, P, D).contiguous())
-            full_mask = torch.cat([mask.new_ones(2, P), mask], dim=1)
+    with _trial(hf_model, modules):
+        cache = compat.prefix_cache(hf_model.config, keys[:, None].expand(L, 2, H, P, D).contiguous(),
+                                    values[:, None].expand(L, 2, H, P, D).contiguous())
+        full_mask = torch.cat([mask.new_ones(2, P), mask], dim=1)
+        try:
+            ref = _hidden(backbone(input_ids=ids, attention_mask=full_mask, **{compat.cache_kwarg(backbone): cache}))
+        except Exception as exc:  # noqa: BLE001 - no prefix in its cache: PEFT's prefix cannot work either
+            return dataclasses.replace(caps, position_error=(
+                f"it does not take a prefix in its cache ({type(exc).__name__}: {exc})"))
+        _serve_prefix(hf_model, modules, keys, values)
+        real = mask.bool()[..., None]
+        tol = _scale_tol(ref, real, dtype)
+        for rule in candidates:
+            trial = dataclasses.replace(caps, positions=rule)
+            pos = position_ids(trial, {"input_ids": ids, "attention_mask": mask}, P, S, 0, device)
             try:
-                ref = _hidden(backbone(input_ids=ids, attention_mask=full_mask, **{compat.cache_kwarg(backbone): cache}))
-            except Exception as exc:  # noqa: BLE001 - no prefix in its cache: PEFT's prefix cannot work either
-                return dataclasses.replace(caps, position_error=(
-                    f"it does not take a prefix in its cache ({type(exc).__name__}: {exc})"))
-            _attention.register()
-            hf_model.set_attn_implementation(_attention.NAME)
-            state = _StaticState(keys, values)
-            for m in modules:
-                m._ptune_fast_state = state
-            real = mask.bool()[..., None]
-            scale = ref.float().masked_fill(~real, 0).abs().max().item() + 1e-6
-            tol = (1e-4 if dtype in (torch.float32, torch.float64) else 3e-2) * scale
-            for rule in candidates:
-                trial = dataclasses.replace(caps, positions=rule)
-                pos = position_ids(trial, {"input_ids": ids, "attention_mask": mask}, P, S, 0, device)
-                try:
-                    out = _hidden(backbone(input_ids=ids, attention_mask=mask, position_ids=pos))
-                except Exception as exc:  # noqa: BLE001
-                    errors[rule] = f"{type(exc).__name__}: {exc}"
-                    continue
-                err = (out.float() - ref.float()).masked_fill(~real, 0).abs().max().item()
-                errors[rule] = f"max |diff| {err:.3g} (tolerance {tol:.3g})"
-                if err <= tol:
-                    return dataclasses.replace(caps, positions=rule, position_error=None)
-    finally:
-        for m in modules:
-            m.__dict__.pop("_ptune_fast_state", None)
-        hf_model.set_attn_implementation(previous)
-        hf_model.train(was_training)
+                out = _hidden(backbone(input_ids=ids, attention_mask=mask, position_ids=pos))
+            except Exception as exc:  # noqa: BLE001
+                errors[rule] = f"{type(exc).__name__}: {exc}"
+                continue
+            err = (out.float() - ref.float()).masked_fill(~real, 0).abs().max().item()
+            errors[rule] = f"max |diff| {err:.3g} (tolerance {tol:.3g})"
+            if err <= tol:
+                return dataclasses.replace(caps, positions=rule, position_error=None)
     return dataclasses.replace(caps, position_error=(
         "no position rule reproduces the model with a cached prefix (its forward may ignore position_ids): "
         + "; ".join(f"{r}: {e}" for r, e in errors.items())))
@@ -171,45 +184,32 @@ def verify_shared(hf_model, caps):
     ids = torch.randint(min(3, vocab - 1), vocab, (2, S), generator=g).to(device)
     mask = torch.ones(2, S, dtype=torch.long, device=device)
     mask[1, :1] = 0
-    previous = hf_model.config._attn_implementation
-    was_training = hf_model.training
-    hf_model.eval()
-    try:
-        with torch.no_grad():
-            prompts = emb(torch.randint(min(3, vocab - 1), vocab, (n,), generator=g).to(device))
-            try:
-                embeds = torch.cat([prompts.unsqueeze(0).expand(2, -1, -1), emb(ids)], dim=1)
-                ref = _hidden(backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.new_ones(2, n), mask], 1)))
-                ref = ref[:, n:]
+    with _trial(hf_model, modules):
+        prompts = emb(torch.randint(min(3, vocab - 1), vocab, (n,), generator=g).to(device))
+        try:
+            embeds = torch.cat([prompts.unsqueeze(0).expand(2, -1, -1), emb(ids)], dim=1)
+            ref = _hidden(backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.new_ones(2, n), mask], 1)))
+            ref = ref[:, n:]
 
-                class _Extra:
-                    extra = {}
+            class _Extra:
+                extra = {}
 
-                keys, values = virtual_token_kv(hf_model, backbone, prompts, _Extra())
-            except Exception as exc:  # noqa: BLE001
-                return dataclasses.replace(caps, shared_error=f"the virtual-token pass fails ({type(exc).__name__}: {exc})")
-            _attention.register()
-            hf_model.set_attn_implementation(_attention.NAME)
-            state = _StaticState(keys, values)
-            for m in modules:
-                m._ptune_fast_state = state
-            pos = position_ids(caps, {"input_ids": ids, "attention_mask": mask}, n, S, 0, device, ignore_given=True)
-            out = _hidden(backbone(input_ids=ids, attention_mask=mask, position_ids=pos))
-            real = mask.bool()[..., None]
-            err = (out.float() - ref.float()).masked_fill(~real, 0).abs().max().item()
-            tol = _scale_tol(ref, real, dtype)
-            if err > tol:
-                return dataclasses.replace(caps, shared_error=(
-                    f"running the virtual tokens once does not reproduce prepending them (max |diff| {err:.3g}, "
-                    f"tolerance {tol:.3g}; e.g. recurrent layers carry them in a state)"))
-            loss_error = _check_loss(hf_model, embeds, mask, ids, n)
-            if loss_error:
-                return dataclasses.replace(caps, shared_error=loss_error)
-    finally:
-        for m in modules:
-            m.__dict__.pop("_ptune_fast_state", None)
-        hf_model.set_attn_implementation(previous)
-        hf_model.train(was_training)
+            keys, values = virtual_token_kv(hf_model, backbone, prompts, _Extra())
+        except Exception as exc:  # noqa: BLE001
+            return dataclasses.replace(caps, shared_error=f"the virtual-token pass fails ({type(exc).__name__}: {exc})")
+        _serve_prefix(hf_model, modules, keys, values)
+        pos = position_ids(caps, {"input_ids": ids, "attention_mask": mask}, n, S, 0, device, ignore_given=True)
+        out = _hidden(backbone(input_ids=ids, attention_mask=mask, position_ids=pos))
+        real = mask.bool()[..., None]
+        err = (out.float() - ref.float()).masked_fill(~real, 0).abs().max().item()
+        tol = _scale_tol(ref, real, dtype)
+        if err > tol:
+            return dataclasses.replace(caps, shared_error=(
+                f"running the virtual tokens once does not reproduce prepending them (max |diff| {err:.3g}, "
+                f"tolerance {tol:.3g}; e.g. recurrent layers carry them in a state)"))
+        loss_error = _check_loss(hf_model, embeds, mask, ids, n)
+        if loss_error:
+            return dataclasses.replace(caps, shared_error=loss_error)
     return caps
 
 
