@@ -10,6 +10,9 @@ left-padded by S/8 tokens):
 
 * ``ptune_fast``   -- :func:`ptune_fast.ops.prefix_attention` (Triton on CUDA; the reference on
   CPU). The prefix stays ``[Hkv, P, D]``.
+* ``ptune_fast_deterministic`` -- the same with ``PTUNE_FAST_DETERMINISTIC=1``: the split
+  backward (separate dQ pass, 7 matmuls per tile pair, no atomics) instead of the fused one
+  (5 matmuls, fp32 dQ atomics); ``fwd_bwd`` only.
 * ``peft``         -- what PEFT + transformers do per layer: expand the prefix to
   ``[B, Hkv, P, D]``, ``torch.cat`` it onto K/V, build the 4-D bool mask ``[B, 1, S, P+T]``
   (prefix columns all visible), ``repeat_kv`` (transformers repeats K/V when a mask is
@@ -48,7 +51,7 @@ else:
     GRID = list(itertools.product((1, 2), (16,), (4,)))
     ROUNDS, WARMUP = 3, 1
 
-IMPLS = ("ptune_fast", "peft", "sdpa_concat")
+IMPLS = ("ptune_fast", "ptune_fast_deterministic", "peft", "sdpa_concat")
 MODES = ("fwd", "fwd_bwd")
 
 
@@ -87,7 +90,7 @@ def build(impl, x):
     """``(fn, leaves)``: ``fn()`` returns the output ``[B, H, S, D]``; ``leaves`` get gradients."""
     B, _, S, _ = x["q"].shape
     P, T = x["pk"].shape[1], x["k"].shape[2]
-    if impl == "ptune_fast":
+    if impl.startswith("ptune_fast"):
         leaves = [x[n].detach().requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
         q, k, v, pk, pv = leaves
         return (lambda: prefix_attention(q, k, v, pk, pv, None, x["mask"], causal=True)), leaves
@@ -157,7 +160,11 @@ def env_info():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B, S, P", GRID, ids=[f"B{b}-S{s}-P{p}" for b, s, p in GRID])
-def test_prefix_attention(benchmark, B, S, P, mode, impl):
+def test_prefix_attention(benchmark, B, S, P, mode, impl, monkeypatch):
+    if impl == "ptune_fast_deterministic":
+        if mode == "fwd":
+            pytest.skip("the forward has one path")
+        monkeypatch.setenv("PTUNE_FAST_DETERMINISTIC", "1")  # the split backward, no atomics
     x = make_inputs(B, S, P)
     fn, leaves = build(impl, x)
     step = timed(fn, leaves, mode, x["dout"])

@@ -46,8 +46,9 @@ from ptune_fast.ops import _prefix_attention_triton as tri  # noqa: E402
 #: max dynamic shared memory per block (opt-in), bytes
 SMEM_LIMIT = {80: 166912, 90: 232448}
 TARGETS = (80, 90)
-KERNELS = {"fwd": tri._fwd_kernel, "dkv": tri._bwd_dkv_kernel, "dq": tri._bwd_dq_kernel, "pre": tri._bwd_pre,
-           "reduce": tri._prefix_grad_reduce}
+KERNELS = dict(tri.KERNELS, pre=tri._bwd_pre, reduce=tri._prefix_grad_reduce)
+#: per-kernel constexprs beyond ``kernel_constexprs``: "dkv" and "dkvq" are one JIT function
+EXTRA_CONSTS = {"dkv": {"FUSE_DQ": False}, "dkvq": {"FUSE_DQ": True}}
 #: ``--candidates``: the search space the spill-free tables of ``configs_for`` were picked from
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages): the tiles autotuned before the spill pruning, then
 #: 8-warp variants added to find spill-free tiles at D = 128 with dropout.
@@ -58,6 +59,10 @@ CANDIDATES = {
     "dkv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2),
             (32, 32, 4, 2), (16, 32, 4, 2),
             (32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 8, 2), (64, 32, 8, 2), (32, 128, 8, 1), (16, 128, 8, 2)],
+    # the fused dK/dV/dQ kernel: the dkv search space (same resident tiles, plus the dQ tile)
+    "dkvq": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2),
+             (32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 8, 2), (64, 32, 8, 2),
+             (32, 128, 8, 1), (16, 128, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3),
            (16, 32, 4, 2),
            (64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 1), (64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 2),
@@ -65,7 +70,7 @@ CANDIDATES = {
 }
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _PTR = {"TID": "*i64", "KPM": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32", "PART": "*fp32",
-        "RNG": "*i64"}
+        "RNG": "*i64", "DQA": "*fp32"}
 _TENSORS = {"Q", "K", "V", "PK", "PV", "O", "DO", "DK", "DV", "DQ", "OUT", *_PTR}
 _FLOATS = {"qk_scale", "dropout_p", "scale"}
 
@@ -99,7 +104,8 @@ def compile_one(job: dict) -> dict:
     fn = KERNELS[job["kernel"]]
     dtype = getattr(torch, job["dtype"])
     consts = dict(tri.kernel_constexprs(job["D"], dtype, causal=job["causal"], dropout=job["dropout"],
-                                        kpm=True, bank=True, store_lse=True, interpret=False), **job["meta"])
+                                        kpm=True, bank=True, store_lse=True, interpret=False),
+                  **EXTRA_CONSTS.get(job["kernel"], {}), **job["meta"])
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig, attrs = _signature(fn, consts, dtype)
     log = io.StringIO()

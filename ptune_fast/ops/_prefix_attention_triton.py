@@ -8,18 +8,35 @@ query head ``h`` to kv head ``h // (H // Hkv)`` in the kernel. Writes ``out`` th
 (``[B, H, S, D]`` or ``[B, S, H, D]`` memory, no copy) and ``lse`` (natural log, fp32, ``-inf``
 on rows with no visible key, whose output is 0).
 
-Backward (FlashAttention-2 split, no atomics, deterministic):
+Backward (FlashAttention-2 structure), two paths chosen by :func:`deterministic`:
 
 1. ``_bwd_pre``: ``delta = rowsum(dO * O)`` in fp32;
-2. ``_bwd_dkv``: grid ``(cdiv(P, BLOCK_N) + cdiv(T, BLOCK_N)) * B * Hkv``; a program owns one
-   key block and loops over the ``H // Hkv`` query heads of its group and the query blocks.
-   Sequence blocks write ``dk/dv``; prefix blocks write an fp32 partial ``[B, Hkv, P, D]``
-   (the row's contribution);
-3. ``_bwd_dq``: grid ``cdiv(S, BLOCK_M) * B * H`` over prefix and sequence blocks;
-4. ``_prefix_grad_reduce``: the prefix gradient, summed over the rows in row order (shared
+2. ``_bwd_dkv_kernel``: grid ``(cdiv(P, BLOCK_N) + cdiv(T, BLOCK_N)) * B * Hkv``; a program owns
+   one key block (K/V resident in registers) and loops over the ``H // Hkv`` query heads of its
+   group and the query blocks. Sequence blocks write ``dk/dv``; prefix blocks write an fp32
+   partial ``[B, Hkv, P, D]`` (the row's contribution);
+
+   * **fused** (default, FlashAttention-2's choice): 5 matmuls per (key block, query block) pair
+     -- ``S^T = K Q^T``, ``dP^T = V dO^T``, ``dV += P^T dO``, ``dK += dS^T Q``, ``dQ_part = dS K``
+     -- the last added to an fp32 ``dQ`` accumulator ``[B, H, S, D]`` with atomics (cast to the
+     input dtype after the launch). Run to run, ``dq`` may differ in the last bits;
+   * **deterministic** (``torch.use_deterministic_algorithms(True)`` or ``PTUNE_FAST_DETERMINISTIC=1``):
+     the same kernel without dQ (4 matmuls), then ``_bwd_dq_kernel`` (grid ``cdiv(S, BLOCK_M) * B *
+     H``, 3 matmuls: ``S = Q K^T``, ``dP = dO V^T``, ``dQ += dS K``): 7 in all, no atomics;
+
+3. ``_prefix_grad_reduce``: the prefix gradient, summed over the rows in row order (shared
    prefix: every row; bank: the rows whose ``task_ids`` names the entry) -- a fixed-order sum,
-   so all gradients are bitwise reproducible run to run for a given tile config (the autotuner
-   picks tiles by timing: another process may pick another tile, hence another sum order).
+   so dK, dV and the prefix gradients are bitwise reproducible run to run for a given tile config
+   on both paths (the autotuner picks tiles by timing: another process may pick another tile).
+
+Masks only where they can change a result. Forward and dQ: key blocks wholly in range and below
+the causal diagonal of the query block (``_seq_split``) and full prefix blocks take no range or
+causal mask and no row predicate on their loads; the diagonal and partial last blocks do. dK/dV:
+the causal mask only on the query blocks that cross the diagonal; no row mask anywhere (rows past
+``S`` and rows with no visible key get ``lse = +inf``, so their probabilities are exactly 0); the
+key-range mask only where a padded key row could reach a stored value (the fused path's dQ). The
+padding mask (``key_padding_mask``) is data, not geometry: it is applied to every tile of a row
+that has one (the masks are per column, loaded once per program in dK/dV).
 
 Grids are 1-D: CUDA caps grid axes y/z at 65,535, x at 2^31 - 1 (:func:`grids`).
 
@@ -60,6 +77,7 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 TF32_ENV_VAR = "PTUNE_FAST_TRITON_TF32"
+DETERMINISTIC_ENV_VAR = "PTUNE_FAST_DETERMINISTIC"
 #: CUDA's grid limits: axis x, axes y and z
 MAX_GRID_X, MAX_GRID_YZ = 2**31 - 1, 65535
 
@@ -92,23 +110,39 @@ def _task_entry(TID, b, N_TASKS, IS_BANK: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptrs, offs_r, r_end, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN: tl.constexpr):
+    """Load a ``[rows, BLOCK_D]`` tile; ``EVEN``: every row is in range (no row predicate), and the
+    head-dim predicate only when ``D`` is padded to ``BLOCK_D``."""
+    if EVEN:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(offs_r[:, None] < r_end) & (offs_d[None, :] < D), other=0.0)
+    return x
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_end, offs_m, offs_d, qpos,
                KPM, rng_row, seed, col0, qk_scale, dropout_p,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online-softmax update of one program's rows with key blocks ``[lo, hi)`` of K/V."""
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_KPM: tl.constexpr, EVEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update of one program's rows with key blocks ``[lo, hi)`` of K/V (2 matmuls
+    per block). ``EVEN`` (interior blocks: ``hi <= n_end``, below the causal diagonal): no range
+    or causal mask; the padding mask (``HAS_KPM``) applies to every block."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < n_end) & (offs_d[None, :] < D)
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, n_end, offs_d, D, BLOCK_D, EVEN)
         s = _dot(q, tl.trans(k), None, DOT_PREC) * qk_scale  # log2 units
-        valid = offs_n[None, :] < n_end
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= qpos[:, None])
+        if not EVEN:
+            valid = offs_n[None, :] < n_end
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= qpos[:, None])
+            s = tl.where(valid, s, float("-inf"))
         if HAS_KPM:
             keep = tl.load(KPM + offs_n, mask=offs_n < n_end, other=0)
-            valid = valid & (keep[None, :] != 0)
-        s = tl.where(valid, s, float("-inf"))
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -117,11 +151,25 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_end, offs
         if DROPOUT:
             r = tl.rand(seed, rng_row[:, None] + (col0 + offs_n)[None, :])
             p = tl.where(r >= dropout_p, p, 0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_rows(V + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, n_end, offs_d, D, BLOCK_D, EVEN)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _seq_split(pid_m, S, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """``(n_full, hi)`` for query block ``pid_m``: sequence key blocks ``[0, n_full)`` are interior
+    (in range and visible to every row of the block: no mask), ``[n_full, hi)`` the boundary (the
+    causal diagonal and the partial last block: masked); keys ``>= hi`` are invisible."""
+    if IS_CAUSAL:
+        hi = tl.minimum(T, (T - S) + (pid_m + 1) * BLOCK_M)
+        n_full = tl.maximum(tl.minimum((T - S) + pid_m * BLOCK_M + 1, T), 0)
+    else:
+        hi = T
+        n_full = T
+    return (n_full // BLOCK_N) * BLOCK_N, hi
 
 
 # S, T (and the mask stride T) vary call to call: no divisibility specialisation on them, so one
@@ -158,15 +206,22 @@ def _fwd_kernel(Q, K, V, PK, PV, TID, KPM, O, LSE, RNG,
     qpos = (T - S) + offs_m
 
     n, ok = _task_entry(TID, b, N_TASKS, IS_BANK)
-    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh,
-                               spkp, spvp, 0, P, P, offs_m, offs_d, qpos, KPM, rng_row, seed, 0,
-                               qk_scale, dropout_p, D, BLOCK_N, False, False, DROPOUT, DOT_PREC)
-    hi = T
-    if IS_CAUSAL:
-        hi = tl.minimum(T, (T - S) + (pid_m + 1) * BLOCK_M)
-    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K + b * skb + hk * skh, V + b * svb + hk * svh,
-                               skt, svt, 0, hi, T, offs_m, offs_d, qpos, KPM + b * skpm, rng_row, seed, P,
-                               qk_scale, dropout_p, D, BLOCK_N, IS_CAUSAL, HAS_KPM, DROPOUT, DOT_PREC)
+    pk, pv = PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh
+    p_full = (P // BLOCK_N) * BLOCK_N  # prefix: full blocks unmasked, the partial last one masked
+    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, pk, pv, spkp, spvp, 0, p_full, P, offs_m, offs_d, qpos, KPM,
+                               rng_row, seed, 0, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, False, False, True,
+                               DROPOUT, DOT_PREC)
+    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, pk, pv, spkp, spvp, p_full, P, P, offs_m, offs_d, qpos, KPM,
+                               rng_row, seed, 0, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, False, False, False,
+                               DROPOUT, DOT_PREC)
+    n_full, hi = _seq_split(pid_m, S, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    kb, vb, kpm = K + b * skb + hk * skh, V + b * svb + hk * svh, KPM + b * skpm
+    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kb, vb, skt, svt, 0, n_full, T, offs_m, offs_d, qpos, kpm,
+                               rng_row, seed, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, False, HAS_KPM, True,
+                               DROPOUT, DOT_PREC)
+    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kb, vb, skt, svt, n_full, hi, T, offs_m, offs_d, qpos, kpm,
+                               rng_row, seed, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_KPM,
+                               False, DROPOUT, DOT_PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -202,14 +257,67 @@ def _bwd_pre(O, DO, DELTA, sob, soh, sos, sdob, sdoh, sdos, H, S,
 
 
 @triton.jit
-def _bwd_kv_block(Q, DO, LSE, DELTA, K, V, stride_kn, stride_vn, KPM, seed,
+def _row_stats(LSE, DELTA, bh, offs_m, S):
+    """``lse`` (log2 units; ``+inf`` for rows past ``S`` and rows with no visible key, so that their
+    probabilities are exactly 0 -- no row mask needed) and ``delta`` of query rows ``offs_m``."""
+    lse = tl.load(LSE + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    return lse, tl.load(DELTA + bh * S + offs_m, mask=offs_m < S, other=0.0)
+
+
+@triton.jit
+def _bwd_kv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, bh, m_lo, m_hi, offs_n, offs_d, col_ok, rng_col, seed,
+                 sqs, sdos, S, T, P, scale, qk_scale, dropout_p, ok,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 EVEN: tl.constexpr, COL_MASK: tl.constexpr, DROPOUT: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Query blocks ``[m_lo, m_hi)`` of head ``bh`` against one resident K/V block: 4 matmuls per
+    block (S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q), 5 with ``FUSE_DQ``
+    (dQ += dS K, added to the fp32 ``DQA`` with atomics). Rows past ``S`` need no mask (``lse =
+    +inf``); ``IS_CAUSAL`` only on the diagonal blocks; ``COL_MASK`` (padding mask, and key range
+    when ``FUSE_DQ``: a padded key row would reach dQ) on every block; ``EVEN``: no row predicate on
+    the loads."""
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q + offs_m[:, None] * sqs + offs_d[None, :], offs_m, S, offs_d, D, BLOCK_D, EVEN)
+        do = _load_rows(DO + offs_m[:, None] * sdos + offs_d[None, :], offs_m, S, offs_d, D, BLOCK_D, EVEN)
+        lse, delta = _row_stats(LSE, DELTA, bh, offs_m, S)
+        s_t = _dot(k, tl.trans(q), None, DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.exp2(s_t - lse[None, :])
+        if IS_CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= ((T - S) + offs_m)[None, :], p_t, 0.0)
+        if COL_MASK:
+            p_t = tl.where(col_ok[:, None], p_t, 0.0)
+        dp_t = _dot(v, tl.trans(do), None, DOT_PREC)
+        if DROPOUT:
+            r = tl.rand(seed, ((bh * S + offs_m).to(tl.int64) * (P + T))[None, :] + rng_col[:, None])
+            keep = r >= dropout_p
+            inv = 1.0 / (1.0 - dropout_p)
+            dv = _dot(tl.where(keep, p_t * inv, 0.0).to(do.dtype), do, dv, DOT_PREC)
+            dp_t = tl.where(keep, dp_t * inv, 0.0)
+        else:
+            dv = _dot(p_t.to(do.dtype), do, dv, DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PREC)
+        if FUSE_DQ:
+            dq = _dot(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PREC) * scale  # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(DQA + (bh * S + offs_m[:, None]) * D + offs_d[None, :], dq,
+                          mask=(offs_m[:, None] < tl.where(ok, S, 0)) & (offs_d[None, :] < D),
+                          sem="relaxed")  # (an out-of-range bank row adds nothing)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_block(Q, DO, LSE, DELTA, DQA, K, V, stride_kn, stride_vn, KPM, seed,
                   sqb, sqh, sqs, sdob, sdoh, sdos, b, hk, start_n, n_end, col0,
-                  H, REP, S, T, P, qk_scale, dropout_p,
+                  H, REP, S, T, P, scale, qk_scale, dropout_p, ok,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV (unscaled dK) of key block ``[start_n, start_n + BLOCK_N)`` over the query heads of
-    kv head ``hk`` of row ``b``."""
+    kv head ``hk`` of row ``b``; K/V stay resident. Query blocks are split into the causal
+    diagonal ``[m_lo, m_full)`` (masked), the interior ``[m_full, S_even)`` (no mask, no load
+    predicate) and the partial last block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < n_end) & (offs_d[None, :] < D)
@@ -220,51 +328,39 @@ def _bwd_kv_block(Q, DO, LSE, DELTA, K, V, stride_kn, stride_vn, KPM, seed,
     col_ok = offs_n < n_end
     if HAS_KPM:
         col_ok = col_ok & (tl.load(KPM + offs_n, mask=offs_n < n_end, other=0) != 0)
+    s_even = (S // BLOCK_M) * BLOCK_M
     m_lo = 0
-    if IS_CAUSAL:
+    m_full = 0
+    if IS_CAUSAL:  # row i sees key j iff j <= T - S + i
         m_lo = (tl.maximum(start_n - (T - S), 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (T - S), 0), BLOCK_M) * BLOCK_M, S)
+    rng_col = (col0 + offs_n).to(tl.int64)
     for hh in range(0, REP):
         h = hk * REP + hh
         bh = b * H + h
-        rng_col = (col0 + offs_n).to(tl.int64)
-        for start_m in range(m_lo, S, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < S
-            q_mask = row_ok[:, None] & (offs_d[None, :] < D)
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :], mask=q_mask,
-                         other=0.0)
-            lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
-            s_t = _dot(k, tl.trans(q), None, DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-            valid = col_ok[:, None] & row_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (offs_n[:, None] <= ((T - S) + offs_m)[None, :])
-            p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
-            dp_t = _dot(v, tl.trans(do), None, DOT_PREC)
-            if DROPOUT:
-                r = tl.rand(seed, ((bh * S + offs_m).to(tl.int64) * (P + T))[None, :] + rng_col[:, None])
-                keep = r >= dropout_p
-                inv = 1.0 / (1.0 - dropout_p)
-                dv = _dot(tl.where(keep, p_t * inv, 0.0).to(do.dtype), do, dv, DOT_PREC)
-                dp_t = tl.where(keep, dp_t * inv, 0.0)
-            else:
-                dv = _dot(p_t.to(do.dtype), do, dv, DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PREC)
+        q_ptr, do_ptr = Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh
+        if IS_CAUSAL:
+            dk, dv = _bwd_kv_rows(dk, dv, k, v, q_ptr, do_ptr, LSE, DELTA, DQA, bh, m_lo, m_full, offs_n, offs_d,
+                                  col_ok, rng_col, seed, sqs, sdos, S, T, P, scale, qk_scale, dropout_p, ok,
+                                  D, BLOCK_D, BLOCK_M, True, False, HAS_KPM or FUSE_DQ, DROPOUT, FUSE_DQ, DOT_PREC)
+        dk, dv = _bwd_kv_rows(dk, dv, k, v, q_ptr, do_ptr, LSE, DELTA, DQA, bh, m_full, s_even, offs_n, offs_d,
+                              col_ok, rng_col, seed, sqs, sdos, S, T, P, scale, qk_scale, dropout_p, ok,
+                              D, BLOCK_D, BLOCK_M, False, True, HAS_KPM or FUSE_DQ, DROPOUT, FUSE_DQ, DOT_PREC)
+        dk, dv = _bwd_kv_rows(dk, dv, k, v, q_ptr, do_ptr, LSE, DELTA, DQA, bh, tl.maximum(m_full, s_even), S,
+                              offs_n, offs_d, col_ok, rng_col, seed, sqs, sdos, S, T, P, scale, qk_scale, dropout_p,
+                              ok, D, BLOCK_D, BLOCK_M, False, False, HAS_KPM or FUSE_DQ, DROPOUT, FUSE_DQ, DOT_PREC)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK, DPV,
+def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK, DPV, DQA,
                     sqb, sqh, sqs, skb, skh, skt, svb, svh, svt,
                     spkn, spkh, spkp, spvn, spvh, spvp, sdob, sdoh, sdos, skpm,
                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                     H, HKV, REP, S, T, P, N_TASKS, scale, qk_scale, dropout_p, TUNE_S, TUNE_T,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, IS_BANK: tl.constexpr,
-                    DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                    DROPOUT: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
     n_pblocks = tl.cdiv(P, BLOCK_N)
     n_blocks = n_pblocks + tl.cdiv(T, BLOCK_N)
     pid_n = tl.program_id(0) % n_blocks
@@ -278,10 +374,10 @@ def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK,
     n, ok = _task_entry(TID, b, N_TASKS, IS_BANK)
     if pid_n < n_pblocks:
         start_n = pid_n * BLOCK_N
-        dk, dv = _bwd_kv_block(Q, DO, LSE, DELTA, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh, spkp,
+        dk, dv = _bwd_kv_block(Q, DO, LSE, DELTA, DQA, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh, spkp,
                                spvp, KPM, seed, sqb, sqh, sqs, sdob, sdoh, sdos, b, hk, start_n, P, 0,
-                               H, REP, S, T, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_M, BLOCK_N,
-                               False, False, DROPOUT, DOT_PREC)
+                               H, REP, S, T, P, scale, qk_scale, dropout_p, ok, D, BLOCK_D, BLOCK_M, BLOCK_N,
+                               False, False, DROPOUT, FUSE_DQ, DOT_PREC)
         if IS_BANK:  # a row with an out-of-range id contributes nothing
             dk = tl.where(ok, dk, 0.0)
             dv = tl.where(ok, dv, 0.0)
@@ -293,10 +389,10 @@ def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK,
         tl.store(DPV + off, dv, mask=mask)
     else:
         start_n = (pid_n - n_pblocks) * BLOCK_N
-        dk, dv = _bwd_kv_block(Q, DO, LSE, DELTA, K + b * skb + hk * skh, V + b * svb + hk * svh, skt, svt,
+        dk, dv = _bwd_kv_block(Q, DO, LSE, DELTA, DQA, K + b * skb + hk * skh, V + b * svb + hk * svh, skt, svt,
                                KPM + b * skpm, seed, sqb, sqh, sqs, sdob, sdoh, sdos, b, hk, start_n, T, P,
-                               H, REP, S, T, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_M, BLOCK_N,
-                               IS_CAUSAL, HAS_KPM, DROPOUT, DOT_PREC)
+                               H, REP, S, T, P, scale, qk_scale, dropout_p, ok, D, BLOCK_D, BLOCK_M, BLOCK_N,
+                               IS_CAUSAL, HAS_KPM, DROPOUT, FUSE_DQ, DOT_PREC)
         if IS_BANK:
             dk = tl.where(ok, dk, 0.0)
             dv = tl.where(ok, dv, 0.0)
@@ -311,21 +407,24 @@ def _bwd_dkv_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DK, DV, DPK,
 @triton.jit
 def _bwd_q_block(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, n_end, offs_m, offs_d, qpos,
                  KPM, rng_row, seed, col0, qk_scale, dropout_p,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 HAS_KPM: tl.constexpr, EVEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ over key blocks ``[lo, hi)``: 3 matmuls per block (S = Q K^T, dP = dO V^T, dQ += dS K).
+    ``EVEN`` (interior) blocks: no range / causal mask; the padding mask on every block."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < n_end) & (offs_d[None, :] < D)
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, n_end, offs_d, D, BLOCK_D, EVEN)
+        v = _load_rows(V + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, n_end, offs_d, D, BLOCK_D, EVEN)
         s = _dot(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        valid = offs_n[None, :] < n_end
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= qpos[:, None])
+        p = tl.exp2(s - lse[:, None])
+        if not EVEN:
+            valid = offs_n[None, :] < n_end
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= qpos[:, None])
+            p = tl.where(valid, p, 0.0)
         if HAS_KPM:
             keep = tl.load(KPM + offs_n, mask=offs_n < n_end, other=0)
-            valid = valid & (keep[None, :] != 0)
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(keep[None, :] != 0, p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)
         if DROPOUT:
             r = tl.rand(seed, rng_row[:, None] + (col0 + offs_n)[None, :])
@@ -351,13 +450,10 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DQ,
     hk = (h // REP).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q_mask = (offs_m[:, None] < S) & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, bh.to(tl.int64), offs_m, S)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     seed = 0
     if DROPOUT:
@@ -365,15 +461,19 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TID, KPM, DO, LSE, DELTA, RNG, DQ,
     rng_row = (bh.to(tl.int64) * S + offs_m) * (P + T)
     qpos = (T - S) + offs_m
     n, ok = _task_entry(TID, b, N_TASKS, IS_BANK)
-    dq = _bwd_q_block(dq, q, do, lse, delta, PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh, spkp, spvp,
-                      0, P, P, offs_m, offs_d, qpos, KPM, rng_row, seed, 0, qk_scale, dropout_p,
-                      D, BLOCK_N, False, False, DROPOUT, DOT_PREC)
-    hi = T
-    if IS_CAUSAL:
-        hi = tl.minimum(T, (T - S) + (pid_m + 1) * BLOCK_M)
-    dq = _bwd_q_block(dq, q, do, lse, delta, K + b * skb + hk * skh, V + b * svb + hk * svh, skt, svt,
-                      0, hi, T, offs_m, offs_d, qpos, KPM + b * skpm, rng_row, seed, P, qk_scale, dropout_p,
-                      D, BLOCK_N, IS_CAUSAL, HAS_KPM, DROPOUT, DOT_PREC)
+    pk, pv = PK + n * spkn + hk * spkh, PV + n * spvn + hk * spvh
+    p_full = (P // BLOCK_N) * BLOCK_N
+    dq = _bwd_q_block(dq, q, do, lse, delta, pk, pv, spkp, spvp, 0, p_full, P, offs_m, offs_d, qpos, KPM, rng_row,
+                      seed, 0, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, False, False, True, DROPOUT, DOT_PREC)
+    dq = _bwd_q_block(dq, q, do, lse, delta, pk, pv, spkp, spvp, p_full, P, P, offs_m, offs_d, qpos, KPM, rng_row,
+                      seed, 0, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, False, False, False, DROPOUT, DOT_PREC)
+    n_full, hi = _seq_split(pid_m, S, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    kb, vb, kpm = K + b * skb + hk * skh, V + b * svb + hk * svh, KPM + b * skpm
+    dq = _bwd_q_block(dq, q, do, lse, delta, kb, vb, skt, svt, 0, n_full, T, offs_m, offs_d, qpos, kpm, rng_row,
+                      seed, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, False, HAS_KPM, True, DROPOUT, DOT_PREC)
+    dq = _bwd_q_block(dq, q, do, lse, delta, kb, vb, skt, svt, n_full, hi, T, offs_m, offs_d, qpos, kpm, rng_row,
+                      seed, P, qk_scale, dropout_p, D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_KPM, False, DROPOUT,
+                      DOT_PREC)
     if IS_BANK:
         dq = tl.where(ok, dq, 0.0)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
@@ -430,17 +530,21 @@ _SPILL_FREE = {
     ("fwd", 128): [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (16, 128, 4, 3), (16, 32, 4, 2)],
     ("dkv", 64): [(32, 128, 8, 1), (32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2)],
     ("dkv", 128): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("dkvq", 64): [(32, 64, 8, 2), (16, 64, 8, 2)],
+    ("dkvq", 128): [(64, 32, 8, 2), (32, 32, 4, 2)],
     ("dq", 64): [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
     ("dq", 128): [(128, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 3), (64, 32, 4, 3), (16, 32, 4, 2)],
 }
 #: D in 129..256 (BLOCK_D = 256): small tiles that must run, not necessarily spill-free: fwd and
 #: dq are spill-free on sm_80/sm_90 (causal + dropout); dkv spills a few dozen bytes.
 _WIDE = {"fwd": [(32, 32, 4, 2), (16, 32, 4, 2)], "dkv": [(16, 32, 4, 2), (16, 16, 4, 2)],
+         "dkvq": [(16, 32, 4, 2), (16, 16, 4, 2)],
          "dq": [(32, 32, 4, 2), (16, 32, 4, 2)]}
 #: fp32 with the TF32 opt-in (PTUNE_FAST_TRITON_TF32=1): fp32 tiles take twice the registers;
 #: spill-free on sm_80/sm_90 at D = 64 and 128, causal + dropout (the report's fp32 section).
 _FP32 = {("fwd", 64): [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)], ("fwd", 128): [(32, 64, 4, 2)],
          ("dkv", 64): [(16, 64, 4, 2)], ("dkv", 128): [(16, 32, 4, 2)],
+         ("dkvq", 64): [(16, 64, 4, 2)], ("dkvq", 128): [(16, 32, 4, 2)],
          ("dq", 64): [(64, 32, 4, 2), (16, 32, 4, 2)], ("dq", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
 _FIXED = {"pre": [dict(BLOCK_M=_PRE_BLOCK_M)], "reduce": [dict(BLOCK=_REDUCE_BLOCK)]}
 
@@ -489,10 +593,14 @@ def _pruner(kernel):
     return prune
 
 
+#: the autotuned kernels by name: "dkvq" is ``_bwd_dkv_kernel`` with ``FUSE_DQ`` (the fused
+#: 5-matmul backward; its fp32 dQ accumulator is zeroed before every autotune trial)
+KERNELS = {"fwd": _fwd_kernel, "dkv": _bwd_dkv_kernel, "dkvq": _bwd_dkv_kernel, "dq": _bwd_dq_kernel}
 if not _INTERPRET:
     _TUNED = {
-        name: triton.autotune(_all_configs(name), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(name)})(fn)
-        for name, fn in (("fwd", _fwd_kernel), ("dkv", _bwd_dkv_kernel), ("dq", _bwd_dq_kernel))
+        name: triton.autotune(_all_configs(name), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(name)},
+                              reset_to_zero=["DQA"] if name == "dkvq" else None)(fn)
+        for name, fn in KERNELS.items()
     }
 
 
@@ -526,6 +634,14 @@ def grids(B, H, Hkv, S, T, P, D, n_tasks=1, block_m=16, block_n=16) -> dict:
 
 
 # ----------------------------------------------------------------------------- host side
+
+
+def deterministic() -> bool:
+    """The backward's choice: ``torch.use_deterministic_algorithms(True)`` or
+    ``PTUNE_FAST_DETERMINISTIC=1`` -> the split backward (no atomics, bitwise reproducible);
+    otherwise the fused one (dQ by fp32 atomics: FlashAttention-2's default, run-to-run dQ may
+    differ in the last bits; dK, dV and the prefix gradients are reproducible either way)."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get(DETERMINISTIC_ENV_VAR, "0").strip() == "1"
 
 
 def tf32_allowed() -> bool:
@@ -654,7 +770,6 @@ def backward(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out,
     _bwd_pre[_check_grid(grids(B, H, Hkv, S, T, P, D)["pre"])](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), H, S, D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm_pre)
-    dq = torch.empty((B, H, S, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
     if P:
@@ -666,15 +781,25 @@ def backward(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out,
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), *pks, *pvs, dout.stride(0), dout.stride(1), dout.stride(2),
                kpm.stride(0) if meta["HAS_KPM"] else 0)
-    _launch(_bwd_dkv_kernel, "dkv", lambda META: grids(B, H, Hkv, S, T, P, D, block_n=META["BLOCK_N"])["dkv"],
-            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dk, dv, dpk_part, dpv_part, *strides,
+    fuse = not deterministic()
+    # fused: dQ accumulated in fp32 with atomics by the dK/dV programs (5 matmuls per tile pair);
+    # deterministic: a separate dQ pass (7 matmuls), no atomics
+    dqa = torch.zeros((B, H, S, D), dtype=torch.float32, device=dev) if fuse else q
+    _launch(_bwd_dkv_kernel, "dkvq" if fuse else "dkv",
+            lambda META: grids(B, H, Hkv, S, T, P, D, block_n=META["BLOCK_N"])["dkv"],
+            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dk, dv, dpk_part, dpv_part, dqa, *strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             H, Hkv, H // Hkv, S, T, P, n_tasks, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T),
-            **meta)
-    _launch(_bwd_dq_kernel, "dq", lambda META: grids(B, H, Hkv, S, T, P, D, block_m=META["BLOCK_M"])["dq"],
-            q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dq, *strides,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            H, H // Hkv, S, T, P, n_tasks, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T), **meta)
+            FUSE_DQ=fuse, **meta)
+    if fuse:
+        dq = dqa.to(q.dtype)
+    else:
+        dq = torch.empty((B, H, S, D), dtype=q.dtype, device=dev)
+        _launch(_bwd_dq_kernel, "dq", lambda META: grids(B, H, Hkv, S, T, P, D, block_m=META["BLOCK_M"])["dq"],
+                q, k, v, pk, pv, tid, kpm, dout, lse, delta, rng_arg, dq, *strides,
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                H, H // Hkv, S, T, P, n_tasks, scale, scale * LOG2E, float(dropout_p), _bucket(S), _bucket(T),
+                **meta)
     dpk = dpv = None
     if P:
         dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=dev)

@@ -38,9 +38,13 @@ The backend is chosen *inside* the registered op (opaque to ``torch.compile``: n
 at the call, and the env var ``PTUNE_FAST_BACKEND`` / the counters are read at run time).
 The backward re-runs the same choice (a forced backend must be forced for both).
 
-Determinism: the Triton backward has no atomics (bank / prefix gradients are summed over rows in
-row order), so its gradients are bitwise reproducible for a given tile config (the autotuner
-picks tiles by timing, so two processes may pick differently and sum in another order). The ``sdpa``/``reference`` backwards take
+Determinism: the Triton backward's dQ is accumulated with fp32 atomics by default (the fused
+5-matmul backward, FlashAttention-2's default): ``dq`` may differ in its last bits run to run.
+Under ``torch.use_deterministic_algorithms(True)`` or ``PTUNE_FAST_DETERMINISTIC=1`` it runs the
+split backward (a separate dQ pass, 7 matmuls per tile pair instead of 5, no atomics), whose
+gradients are bitwise reproducible for a given tile config (the autotuner picks tiles by timing,
+so two processes may pick differently and sum in another order). dK, dV and the bank / prefix
+gradients (summed over rows in row order) are reproducible on both paths. The ``sdpa``/``reference`` backwards take
 the bank gradient from autograd's ``index_select`` backward (atomics on CUDA: reproducible there
 only under ``torch.use_deterministic_algorithms(True)``).
 
@@ -149,7 +153,10 @@ def warmup(
     kernels do not specialise on ``S``/``T`` themselves, so one shape per (S bucket, T bucket)
     suffices. ``n_tasks``: a bank of that many entries (``task_ids`` of ``task_ids_dtype``), else a
     shared prefix. ``train``: a forward with autograd + backward; ``inference``: a forward under
-    ``torch.no_grad`` (another kernel variant: no LSE). Random inputs; nothing is kept.
+    ``torch.no_grad`` (another kernel variant: no LSE). The backward compiled is the one of the
+    determinism setting in force (fused by default; the split backward under
+    ``torch.use_deterministic_algorithms(True)`` / ``PTUNE_FAST_DETERMINISTIC=1``): warm up under
+    the setting you train with. Random inputs; nothing is kept.
 
     Returns one ``(shape, backend)`` per forward run, e.g. to check that Triton served them (on
     CPU the ``sdpa`` backend serves and nothing is compiled).
