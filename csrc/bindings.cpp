@@ -57,6 +57,20 @@ int current_sm_count() {
   return sms;
 }
 
+// The torch-free view the fill functions of kernels.h take (absent: a default TensorRef).
+TensorRef ref(const at::Tensor& t) {
+  TensorRef r;
+  TORCH_CHECK(t.dim() <= 4, "ptune_fast_C: at most 4-D tensors");
+  r.data = t.data_ptr();
+  r.dim = static_cast<int>(t.dim());
+  r.elem_bytes = static_cast<int>(t.element_size());
+  for (int i = 0; i < r.dim; ++i) {
+    r.size[i] = t.size(i);
+    r.stride[i] = t.stride(i);
+  }
+  return r;
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // k / v / prefix: last dim contiguous, 16-byte vector loads along it.
@@ -94,8 +108,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({B, H, S, D}, q.options());
-  DecodeParams p;
-  int64_t P = 0, N = 1;
+  TensorRef pk_ref, pv_ref, ids_ref, mask_ref;
   if (prefix_k.has_value() && prefix_k->numel() > 0) {
     TORCH_CHECK(prefix_v.has_value(), "decode_attention: prefix_v missing");
     const at::Tensor& pk = *prefix_k;
@@ -105,25 +118,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 "decode_attention: prefix must be [Hkv, P, D] or [N, Hkv, P, D]");
     check_vec_operand(pk, "prefix_k", q);
     check_vec_operand(pv, "prefix_v", q);
-    P = pk.size(-2);
-    const bool bank = pk.dim() == 4;
-    p.pk = pk.data_ptr();
-    p.pv = pv.data_ptr();
-    p.pk_sh = pk.stride(-3);
-    p.pk_sp = pk.stride(-2);
-    p.pv_sh = pv.stride(-3);
-    p.pv_sp = pv.stride(-2);
-    if (bank) {
+    pk_ref = ref(pk);
+    pv_ref = ref(pv);
+    if (pk.dim() == 4) {  // bank
       TORCH_CHECK(task_ids.has_value(), "decode_attention: task_ids required with a prefix bank");
       const at::Tensor& tid = *task_ids;
       TORCH_CHECK(tid.is_cuda() && tid.device() == q.device() && tid.dim() == 1 && tid.size(0) == B &&
                       (tid.scalar_type() == at::kInt || tid.scalar_type() == at::kLong) && tid.is_contiguous(),
                   "decode_attention: task_ids must be a contiguous int32/int64 [B] tensor on ", q.device());
-      N = pk.size(0);
-      p.pk_sn = pk.stride(0);
-      p.pv_sn = pv.stride(0);
-      p.task_ids = tid.data_ptr();
-      p.task_ids_bytes = static_cast<int>(tid.element_size());
+      ids_ref = ref(tid);
     }
   }
   if (key_padding_mask.has_value()) {
@@ -133,39 +136,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const auto mt = m.scalar_type();
     TORCH_CHECK(mt == at::kBool || mt == at::kByte || mt == at::kChar || mt == at::kInt || mt == at::kLong,
                 "decode_attention: key_padding_mask must be bool/uint8/int8/int32/int64, got ", mt);
-    p.mask = m.data_ptr();
-    p.mask_bytes = static_cast<int>(m.element_size());
-    p.m_sb = m.stride(0);
-    p.m_st = m.stride(1);
+    mask_ref = ref(m);
   }
+  DecodeParams p;
+  decode_attention_fill(p, ref(q), ref(k), ref(v), pk_ref, pv_ref, ids_ref, mask_ref, causal,
+                        static_cast<float>(scale), to_dtype(q.scalar_type()));
   if (out.numel() == 0) return out;
-  if (P + T == 0) return out.zero_();
-
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  if (p.P + p.T == 0) return out.zero_();
   p.out = out.data_ptr();
-  p.q_sb = q.stride(0);
-  p.q_sh = q.stride(1);
-  p.q_ss = q.stride(2);
-  p.q_sd = q.stride(3);
-  p.k_sb = k.stride(0);
-  p.k_sh = k.stride(1);
-  p.k_st = k.stride(2);
-  p.v_sb = v.stride(0);
-  p.v_sh = v.stride(1);
-  p.v_st = v.stride(2);
-  p.B = static_cast<int>(B);
-  p.H = static_cast<int>(H);
-  p.Hkv = static_cast<int>(Hkv);
-  p.S = static_cast<int>(S);
-  p.T = static_cast<int>(T);
-  p.P = static_cast<int>(P);
-  p.N = static_cast<int>(N);
-  p.D = static_cast<int>(D);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  p.dtype = to_dtype(q.scalar_type());
 
   const int num_sms = current_sm_count();
   const int splits = decode_attention_plan(p, num_sms, static_cast<int>(num_splits));
@@ -197,20 +175,17 @@ at::Tensor encoder_mlp_fwd(const at::Tensor& x, const std::optional<at::Tensor>&
               "encoder_mlp_fwd: out_dtype must be float32/float16/bfloat16");
   const c10::cuda::CUDAGuard guard(x.device());
 
-  EncoderParams p;
   int64_t n = x.size(0);
+  TensorRef idx_ref, w_refs[kEncoderMaxLayers], b_refs[kEncoderMaxLayers];
   if (indices.has_value()) {
     const at::Tensor& idx = *indices;
     TORCH_CHECK(idx.is_cuda() && idx.device() == x.device() && idx.dim() == 1 && idx.is_contiguous() &&
                     (idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong),
                 "encoder_mlp_fwd: indices must be a contiguous 1-D int32/int64 tensor on ", x.device());
     n = idx.size(0);
-    p.indices = idx.data_ptr();
-    p.indices_bytes = static_cast<int>(idx.element_size());
+    idx_ref = ref(idx);
   }
   int64_t d = x.size(1);
-  p.dims[0] = static_cast<int>(d);
-  int64_t hidden = 4;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
     TORCH_CHECK(w.is_cuda() && w.device() == x.device() && w.scalar_type() == at::kFloat && w.dim() == 2 &&
@@ -218,34 +193,27 @@ at::Tensor encoder_mlp_fwd(const at::Tensor& x, const std::optional<at::Tensor>&
                 "encoder_mlp_fwd: weights[", l, "] must be a contiguous float32 [out, ", d, "] tensor on ",
                 x.device());
     d = w.size(0);
-    TORCH_CHECK(d % 4 == 0 && p.dims[0] % 4 == 0, "encoder_mlp_fwd: all widths must be multiples of 4");
-    p.w[l] = w.data_ptr<float>();
-    p.dims[l + 1] = static_cast<int>(d);
-    if (l + 1 < L) hidden = std::max(hidden, d);
+    TORCH_CHECK(d % 4 == 0 && x.size(1) % 4 == 0, "encoder_mlp_fwd: all widths must be multiples of 4");
+    w_refs[l] = ref(w);
     const at::Tensor& b = biases[l];
     if (b.numel() > 0) {
       TORCH_CHECK(b.is_cuda() && b.device() == x.device() && b.scalar_type() == at::kFloat && b.dim() == 1 &&
                       b.size(0) == d && b.is_contiguous(),
                   "encoder_mlp_fwd: biases[", l, "] must be a contiguous float32 [", d, "] tensor");
-      p.bias[l] = b.data_ptr<float>();
+      b_refs[l] = ref(b);
     }
   }
   auto out = at::empty({n, d}, x.options().dtype(out_dtype));
   if (n == 0) return out;
+  EncoderParams p;
+  const int64_t scratch_floats = encoder_mlp_fill(p, ref(x), idx_ref, w_refs, b_refs, static_cast<int>(L),
+                                                  static_cast<int>(activation), to_dtype(out_dtype));
   at::Tensor scratch;
-  if (L > 1) {
-    scratch = at::empty({2 * n * hidden}, x.options());
+  if (scratch_floats > 0) {
+    scratch = at::empty({scratch_floats}, x.options());
     p.scratch = scratch.data_ptr<float>();
-    p.hidden_stride = hidden;
   }
-  p.x = x.data_ptr<float>();
-  p.x_rows = x.size(0);
-  p.x_stride = x.stride(0);
-  p.n = static_cast<int>(n);
-  p.n_layers = static_cast<int>(L);
-  p.act = static_cast<int>(activation);
   p.out = out.data_ptr();
-  p.out_dtype = to_dtype(out_dtype);
   const cudaError_t err = encoder_mlp_launch(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "encoder_mlp_fwd: kernel launch failed: ", cudaGetErrorString(err));
   return out;

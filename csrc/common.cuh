@@ -7,7 +7,40 @@
 #include <math.h>
 #include <stdint.h>
 
+// Kernel launches that compile with nvcc and in the host emulation of the tests (g++ with
+// -DPTF_HOST_EMULATION, tests/cuda_host), so that the launchers need no #ifdef:
+//   PTF_LAUNCH((grid, block, smem, stream), kernel<T, D>)(args...);   // kernel<<<...>>>(args...)
+//   err = PTF_LAUNCH_COOPERATIVE((grid, block, smem, stream), kernel)(args...);
+//                                             // cudaLaunchCooperativeKernel(kernel, ..., {&args...})
+#if defined(PTF_HOST_EMULATION)
+#define PTF_LAUNCH(cfg, ...) PTF_HOST_LAUNCH(false, cfg, __VA_ARGS__)
+#define PTF_LAUNCH_COOPERATIVE(cfg, ...) PTF_HOST_LAUNCH(true, cfg, __VA_ARGS__)
+#else
+#define PTF_UNPAREN(...) __VA_ARGS__
+#define PTF_LAUNCH(cfg, ...) __VA_ARGS__<<<PTF_UNPAREN cfg>>>
+#define PTF_LAUNCH_COOPERATIVE(cfg, ...) ::ptune_fast::cooperative_launch(__VA_ARGS__, PTF_UNPAREN cfg)
+#endif
+
 namespace ptune_fast {
+
+#if !defined(PTF_HOST_EMULATION)
+template <typename... P>
+struct CooperativeLaunch {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  cudaError_t operator()(P... a) const {
+    void* args[] = {static_cast<void*>(&a)...};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, args, smem, stream);
+  }
+};
+template <typename... P>
+CooperativeLaunch<P...> cooperative_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                                           cudaStream_t stream) {
+  return {kernel, grid, block, smem, stream};
+}
+#endif
 
 template <typename T>
 struct Pack2;

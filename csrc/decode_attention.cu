@@ -294,11 +294,11 @@ __global__ void decode_combine_kernel(const float* __restrict__ ws_o, const floa
 template <typename T, int D, int GMAX>
 cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.B) * p.Hkv * p.q_groups, p.num_splits);
-  decode_split_kernel<T, D, GMAX><<<grid, kThreads, 0, stream>>>(p);
+  PTF_LAUNCH((grid, kThreads, 0, stream), decode_split_kernel<T, D, GMAX>)(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const unsigned rows = static_cast<unsigned>(p.B) * p.H * p.S;
-  decode_combine_kernel<T><<<rows, D, 0, stream>>>(p.ws_o, p.ws_lse, static_cast<T*>(p.out), p.num_splits, D);
+  PTF_LAUNCH((rows, D, 0, stream), decode_combine_kernel<T>)(p.ws_o, p.ws_lse, static_cast<T*>(p.out), p.num_splits, D);
   return cudaGetLastError();
 }
 
@@ -323,6 +323,58 @@ int rows_per_block(const DecodeParams& p) { return (p.H / p.Hkv) * p.S <= 8 ? 8 
 }  // namespace
 
 bool decode_attention_supports_head_dim(int D) { return D == 64 || D == 80 || D == 96 || D == 128; }
+
+void decode_attention_fill(DecodeParams& p, const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                           const TensorRef& pk, const TensorRef& pv, const TensorRef& task_ids,
+                           const TensorRef& mask, bool causal, float scale, DType dtype) {
+  int64_t P = 0, N = 1;
+  if (pk.data != nullptr) {
+    P = pk.size[pk.dim - 2];
+    p.pk = pk.data;
+    p.pv = pv.data;
+    p.pk_sh = pk.stride[pk.dim - 3];
+    p.pk_sp = pk.stride[pk.dim - 2];
+    p.pv_sh = pv.stride[pv.dim - 3];
+    p.pv_sp = pv.stride[pv.dim - 2];
+    if (pk.dim == 4) {  // bank
+      N = pk.size[0];
+      p.pk_sn = pk.stride[0];
+      p.pv_sn = pv.stride[0];
+      p.task_ids = task_ids.data;
+      p.task_ids_bytes = task_ids.elem_bytes;
+    }
+  }
+  if (mask.data != nullptr) {
+    p.mask = mask.data;
+    p.mask_bytes = mask.elem_bytes;
+    p.m_sb = mask.stride[0];
+    p.m_st = mask.stride[1];
+  }
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.q_sb = q.stride[0];
+  p.q_sh = q.stride[1];
+  p.q_ss = q.stride[2];
+  p.q_sd = q.stride[3];
+  p.k_sb = k.stride[0];
+  p.k_sh = k.stride[1];
+  p.k_st = k.stride[2];
+  p.v_sb = v.stride[0];
+  p.v_sh = v.stride[1];
+  p.v_st = v.stride[2];
+  p.B = static_cast<int>(q.size[0]);
+  p.H = static_cast<int>(q.size[1]);
+  p.Hkv = static_cast<int>(k.size[1]);
+  p.S = static_cast<int>(q.size[2]);
+  p.T = static_cast<int>(k.size[2]);
+  p.P = static_cast<int>(P);
+  p.N = static_cast<int>(N);
+  p.D = static_cast<int>(q.size[3]);
+  p.scale = scale;
+  p.causal = causal;
+  p.dtype = dtype;
+}
 
 int decode_attention_plan(DecodeParams& p, int num_sms, int requested_splits) {
   const int G = (p.H / p.Hkv) * p.S;

@@ -57,6 +57,24 @@ struct DecodeParams {
   int tiles_per_split = 1;  // 32-key tiles per split
 };
 
+// A torch-free view of one tensor argument (sizes and strides in elements). csrc/bindings.cpp
+// makes these from at::Tensor after its checks, tests/cuda_host/shim.cpp from ctypes; both fill
+// the parameter structs with the functions below, so the host-run tests exercise that code too.
+struct TensorRef {
+  const void* data = nullptr;  // nullptr: the optional argument is absent
+  int dim = 0;
+  int elem_bytes = 0;
+  int64_t size[4] = {0, 0, 0, 0};
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+// Fills every field of p except out, ws_o / ws_lse and the plan, from validated operands:
+// q [B, H, S, D], k / v [B, Hkv, T, D], pk / pv [Hkv, P, D] or bank [N, Hkv, P, D] (absent when
+// P == 0), task_ids [B] (bank only), mask [B, T] (optional).
+void decode_attention_fill(DecodeParams& p, const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                           const TensorRef& pk, const TensorRef& pv, const TensorRef& task_ids,
+                           const TensorRef& mask, bool causal, float scale, DType dtype);
+
 // Head dims the kernel is instantiated for.
 bool decode_attention_supports_head_dim(int D);
 
@@ -91,6 +109,13 @@ struct EncoderParams {
   void* out = nullptr;           // [n, dims[n_layers]] contiguous
   DType out_dtype = kFloat32;
 };
+
+// Fills every field of p except scratch and out from validated operands: x [rows, dims[0]] (row
+// stride x.stride[0]), indices [n] (optional; n = rows without), weights[l] [dims[l+1], dims[l]],
+// biases[l] [dims[l+1]] (absent = none). Returns the scratch size the launch needs, in floats
+// (2 * n * hidden_stride; 0 for one layer).
+int64_t encoder_mlp_fill(EncoderParams& p, const TensorRef& x, const TensorRef& indices, const TensorRef* weights,
+                         const TensorRef* biases, int n_layers, int act, DType out_dtype);
 
 // Launches the fused encoder (requires n > 0). Returns cudaErrorNotSupported when the device
 // cannot do cooperative launches.

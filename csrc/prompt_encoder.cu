@@ -21,6 +21,8 @@
 // re-read from L2 rather than HBM by the blocks that run together.
 #include <cooperative_groups.h>
 
+#include <algorithm>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -185,6 +187,35 @@ bool g_blocks_per_sm_init[64];
 
 }  // namespace
 
+int64_t encoder_mlp_fill(EncoderParams& p, const TensorRef& x, const TensorRef& indices, const TensorRef* weights,
+                         const TensorRef* biases, int n_layers, int act, DType out_dtype) {
+  int64_t n = x.size[0];
+  if (indices.data != nullptr) {
+    n = indices.size[0];
+    p.indices = indices.data;
+    p.indices_bytes = indices.elem_bytes;
+  }
+  p.dims[0] = static_cast<int>(x.size[1]);
+  int64_t hidden = 4;
+  for (int l = 0; l < n_layers; ++l) {
+    const int64_t d = weights[l].size[0];
+    p.w[l] = static_cast<const float*>(weights[l].data);
+    p.dims[l + 1] = static_cast<int>(d);
+    if (l + 1 < n_layers) hidden = std::max(hidden, d);
+    if (biases[l].data != nullptr) p.bias[l] = static_cast<const float*>(biases[l].data);
+  }
+  p.x = static_cast<const float*>(x.data);
+  p.x_rows = x.size[0];
+  p.x_stride = x.stride[0];
+  p.n = static_cast<int>(n);
+  p.n_layers = n_layers;
+  p.act = act;
+  p.out_dtype = out_dtype;
+  if (n_layers <= 1) return 0;
+  p.hidden_stride = hidden;
+  return 2 * n * hidden;
+}
+
 cudaError_t encoder_mlp_launch(const EncoderParams& p, cudaStream_t stream) {
   if (p.n <= 0 || p.n_layers < 1 || p.n_layers > kEncoderMaxLayers || p.x == nullptr || p.out == nullptr ||
       (p.n_layers > 1 && p.scratch == nullptr)) {
@@ -222,10 +253,7 @@ cudaError_t encoder_mlp_launch(const EncoderParams& p, cudaStream_t stream) {
   }
   const long long resident = static_cast<long long>(per_sm) * num_sms;
   const unsigned grid = static_cast<unsigned>(max_tiles < resident ? max_tiles : resident);
-  EncoderParams params = p;
-  void* args[] = {&params};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(encoder_mlp_kernel), dim3(grid),
-                                     dim3(kEncThreads), args, 0, stream);
+  return PTF_LAUNCH_COOPERATIVE((dim3(grid), dim3(kEncThreads), 0, stream), encoder_mlp_kernel)(p);
 }
 
 }  // namespace ptune_fast
