@@ -39,6 +39,32 @@ def _write_build_info(arch_list):
     return gen
 
 
+def _toolkit_of_nvcc_on_path():
+    """The CUDA toolkit of the nvcc on PATH, for when CUDA_HOME / CUDA_PATH are unset. torch guesses
+    dirname(dirname(which nvcc)), which is wrong for a wrapper script such as /usr/local/bin/nvcc
+    running ``exec /usr/local/cuda-13.0/bin/nvcc "$@"`` (no /usr/local/include/cuda_runtime.h:
+    bindings.cpp then fails to compile). None when nothing better than torch's guess is found."""
+    import re
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    cands = [os.path.realpath(nvcc)]
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            cands += re.findall(r"(/\S+/bin/nvcc)\b", head.decode("utf-8", "replace"))
+    except OSError:
+        pass
+    for cand in cands + ["/usr/local/cuda/bin/nvcc"]:
+        home = os.path.dirname(os.path.dirname(cand))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(cand):
+            return home
+    return None
+
+
 def cuda_extensions():
     want = os.environ.get("PTUNE_FAST_BUILD_CUDA", "auto").lower()
     if want in ("0", "false", "no"):
@@ -46,6 +72,11 @@ def cuda_extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     try:
         import torch
+
+        if torch.version.cuda is not None and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+            home = _toolkit_of_nvcc_on_path()  # before cpp_extension's import: it reads CUDA_HOME then
+            if home:
+                os.environ["CUDA_HOME"] = home
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         if want in ("1", "true", "yes"):
