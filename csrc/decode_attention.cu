@@ -27,6 +27,27 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTileKeys = 32;  // = warp size: lane j owns key j of the tile in the score phase
 constexpr float kLog2e = 1.4426950408889634f;
 
+// sc[i] = q_row(i) . k_row for the warp's rows i < R (q_row(i) = q + i * kWarps * D, fp32,
+// pre-scaled); R is the smallest of RPT, RPT/2, ..., 1 that covers `rows` (warp-uniform), so
+// that a block with fewer query rows than GMAX does not compute scores for the missing ones.
+template <typename T, int D, int RPT, int R>
+__device__ __forceinline__ void warp_scores(int rows, const T* krow, const float* q, float (&sc)[RPT]) {
+  if constexpr (R > 1) {
+    if (rows <= R / 2) return warp_scores<T, D, RPT, R / 2>(rows, krow, q, sc);
+  }
+  if (rows <= 0) return;
+  using T2 = typename Pack2<T>::type;
+#pragma unroll 4
+  for (int d = 0; d < D; d += 2) {
+    const float2 kf = to_float2(*reinterpret_cast<const T2*>(krow + d));
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const float2 qf = *reinterpret_cast<const float2*>(q + i * kWarps * D + d);
+      sc[i] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[i]));
+    }
+  }
+}
+
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
   using T2 = typename Pack2<T>::type;
@@ -167,19 +188,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     {
       const int jc = t0 + lane - p.P;  // < 0 for prefix keys
       const bool kv_ok = kvalid_s[lane] != 0;
-      float sc[RPT];
-#pragma unroll
-      for (int i = 0; i < RPT; ++i) sc[i] = 0.f;
-      const T* krow = k_s + lane * KS;
-#pragma unroll 4
-      for (int d = 0; d < D; d += 2) {
-        const float2 kf = to_float2(*reinterpret_cast<const T2*>(krow + d));
-#pragma unroll
-        for (int i = 0; i < RPT; ++i) {
-          const float2 qf = *reinterpret_cast<const float2*>(q_s + (warp + kWarps * i) * D + d);
-          sc[i] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[i]));
-        }
-      }
+      float sc[RPT] = {};
+      // Only the rows this warp owns (rows >= Gb do no score work; rounded up to a power of 2).
+      warp_scores<T, D, RPT, RPT>((Gb - warp + kWarps - 1) / kWarps, k_s + lane * KS, q_s + warp * D, sc);
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         const int g = warp + kWarps * i;
