@@ -740,8 +740,10 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
 @pytest.mark.parametrize("shape, causal", GPU_CASES)
-def test_gpu_real_sizes_bf16(shape, causal, monkeypatch):
+def test_gpu_real_sizes_bf16(shape, causal, mode, monkeypatch):
+    monkeypatch.setenv("PTUNE_FAST_DETERMINISTIC", mode)
     x, dout = make_inputs(B=2, H=32, Hkv=8, P=128, D=128, seed=1, **shape)
     check_against_reference(x, dout, torch.bfloat16, causal, monkeypatch, device="cuda")
 
