@@ -107,7 +107,7 @@ def test_op_schemas_match_fake_impls():
 
 def _setup_functions():
     src = open(os.path.join(ROOT, "setup.py")).read()
-    src = src[: src.index("ext_modules, cmdclass = cuda_extensions()")]
+    src = src[: src.index("ext_modules, cmdclass, torch_requirement = cuda_extensions()")]
     ns = {"__file__": os.path.join(ROOT, "setup.py"), "__name__": "setup_under_test"}
     exec(compile(src, "setup.py", "exec"), ns)
     return ns
@@ -117,9 +117,10 @@ def _setup_functions():
 def test_setup_is_pure_python_without_cuda_torch(monkeypatch):
     ns = _setup_functions()
     monkeypatch.setenv("PTUNE_FAST_BUILD_CUDA", "auto")
-    assert ns["cuda_extensions"]() == ([], {})
+    # no extension: the tested torch range; with one (a CUDA build), the building torch's minor release
+    assert ns["cuda_extensions"]() == ([], {}, ns["TORCH"])
     monkeypatch.setenv("PTUNE_FAST_BUILD_CUDA", "0")
-    assert ns["cuda_extensions"]() == ([], {})
+    assert ns["cuda_extensions"]() == ([], {}, ns["TORCH"])
     monkeypatch.setenv("PTUNE_FAST_BUILD_CUDA", "1")
     with pytest.raises(RuntimeError, match="PTUNE_FAST_BUILD_CUDA=1"):
         ns["cuda_extensions"]()

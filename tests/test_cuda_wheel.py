@@ -57,6 +57,15 @@ def test_cuda_wheel_builds_imports_and_registers(wheel_build):
     wheel = facts["wheel"]
     assert os.path.isfile(wheel) and wheel.endswith(".whl") and "linux_x86_64" in wheel, facts
     assert int(facts["wheel_bytes"]) == os.path.getsize(wheel)
+    # _C is tied to the building torch's ABI: the wheel requires that minor release, not the source range
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    torch_version = subprocess.run([_cuda_torch_python(), "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip()
+    minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    assert re.search(r"^Requires-Dist: torch==%s\.\*$" % re.escape(minor), meta, re.M), meta
     assert f"check: built_archs={ARCHS} " in res.stdout, res.stdout
     assert facts["arch_list"] == ARCHS
     elfs = facts["elf"].split()
