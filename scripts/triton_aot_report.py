@@ -144,12 +144,17 @@ def _job_key(j):
 def jobs(head_dims=(64, 80, 96, 128), dtypes=("bfloat16", "float16"), causals=(True, False),
          dropouts=(False, True), kernels=tuple(KERNELS), targets=TARGETS, S=4096, T=4096, P=128, candidates=False):
     """Every config the autotuner can pick for long sequences (the largest candidate set); with
-    ``candidates``, the whole pre-pruning search space instead."""
+    ``candidates``, the whole pre-pruning search space instead. "dkvq" is compiled without dropout
+    whatever ``dropouts`` says (it never runs with it)."""
     out = []
     for kernel, D, dt, causal, dropout, target in itertools.product(kernels, head_dims, dtypes, causals, dropouts,
                                                                    targets):
         if kernel in ("pre", "reduce") and (causal is not causals[0] or dropout is not dropouts[0]):
             continue  # flags do not reach these two
+        if kernel == "dkvq":  # the fused backward never runs with dropout (backward_path): compile it without
+            if dropout is not dropouts[0]:
+                continue
+            dropout = False
         for c in _configs(kernel, D, getattr(torch, dt), S, T, P, dropout, candidates):
             meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
             out.append(dict(kernel=kernel, D=D, dtype=dt, causal=causal, dropout=dropout, target=target, meta=meta,

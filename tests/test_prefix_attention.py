@@ -221,6 +221,10 @@ def test_backward_kernels_follow_the_determinism_setting(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(was)
     assert launched == ["fwd", "dkv", "dq"]
+    # dropout, D > 128: the split backward whatever the setting (no spill-free fused tile there)
+    assert tri.backward_path(64, torch.bfloat16, dropout=True) == "split"
+    assert tri.backward_path(256, torch.bfloat16, dropout=False) == "split"
+    assert tri.backward_path(64, torch.bfloat16, dropout=False) == "fused"
     for n in fused:  # the two paths differ only by summation order
         torch.testing.assert_close(fused[n], split[0][n], atol=1e-5, rtol=1e-5)
 
@@ -280,10 +284,8 @@ def _explicit_dropout_attention(x, keep, p, causal, scale=None):
     return (probs * keep / (1 - p)) @ vv
 
 
-@pytest.mark.parametrize("mode", BACKWARD_MODES)
-def test_triton_dropout_matches_explicit_mask(mode, monkeypatch):
+def test_triton_dropout_matches_explicit_mask(monkeypatch):
     tri = importlib.import_module("ptune_fast.ops._prefix_attention_triton")
-    monkeypatch.setenv("PTUNE_FAST_DETERMINISTIC", mode)
     B, H, Hkv, S, T, P, p = 2, 4, 2, 5, 8, 7, 0.3
     x, dout = make_inputs(B=B, H=H, Hkv=Hkv, S=S, T=T, P=P, D=64, bank=True, pad="left", seed=11)
     monkeypatch.setenv(_backend.ENV_VAR, "triton")
@@ -710,6 +712,12 @@ def test_configs_are_pruned_by_shape_up_front():
             tri._FP32[(kernel, 64)])
         every = {as_tuple(c) for c in tri._all_configs(kernel)}  # what the autotuner is built with
         assert set(tri._FP32[(kernel, 128)]) | set(tri._WIDE[kernel]) <= every
+    # the fused backward: spill-free tiles for D <= 128, fp16/bf16 (the only calls backward_path sends it)
+    for D, block_d in ((64, 64), (96, 128), (128, 128)):
+        got = [as_tuple(c) for c in tri.configs_for("dkvq", D, torch.bfloat16, S=4096, T=4096, P=128)]
+        assert got and set(got) <= set(tri._SPILL_FREE[("dkvq", block_d)])
+    assert {as_tuple(c) for c in tri._all_configs("dkvq")} == set(tri._SPILL_FREE[("dkvq", 64)]) | set(
+        tri._SPILL_FREE[("dkvq", 128)])
 
 
 def test_warmup_runs_every_shape_once_per_mode(monkeypatch):

@@ -8,7 +8,7 @@ query head ``h`` to kv head ``h // (H // Hkv)`` in the kernel. Writes ``out`` th
 (``[B, H, S, D]`` or ``[B, S, H, D]`` memory, no copy) and ``lse`` (natural log, fp32, ``-inf``
 on rows with no visible key, whose output is 0).
 
-Backward (FlashAttention-2 structure), two paths chosen by :func:`deterministic`:
+Backward (FlashAttention-2 structure), two paths chosen by :func:`backward_path`:
 
 1. ``_bwd_pre``: ``delta = rowsum(dO * O)`` in fp32;
 2. ``_bwd_dkv_kernel``: grid ``(cdiv(P, BLOCK_N) + cdiv(T, BLOCK_N)) * B * Hkv``; a program owns
@@ -20,7 +20,8 @@ Backward (FlashAttention-2 structure), two paths chosen by :func:`deterministic`
      -- ``S^T = K Q^T``, ``dP^T = V dO^T``, ``dV += P^T dO``, ``dK += dS^T Q``, ``dQ_part = dS K``
      -- the last added to an fp32 ``dQ`` accumulator ``[B, H, S, D]`` with atomics (cast to the
      input dtype after the launch). Run to run, ``dq`` may differ in the last bits;
-   * **deterministic** (``torch.use_deterministic_algorithms(True)`` or ``PTUNE_FAST_DETERMINISTIC=1``):
+   * **split** (``torch.use_deterministic_algorithms(True)`` or ``PTUNE_FAST_DETERMINISTIC=1``; also
+     with dropout, D > 128 and compiled fp32, where no fused tile compiles spill-free):
      the same kernel without dQ (4 matmuls), then ``_bwd_dq_kernel`` (grid ``cdiv(S, BLOCK_M) * B *
      H``, 3 matmuls: ``S = Q K^T``, ``dP = dO V^T``, ``dQ += dS K``): 7 in all, no atomics;
 
@@ -520,31 +521,31 @@ _REDUCE_BLOCK = 1024  # _prefix_grad_reduce
 #: Autotune candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for fp16/bf16 by kernel and
 #: ``BLOCK_D`` (64: D <= 64; 128: D in 65..128): only tiles measured to compile with 0 spill bytes
 #: and to fit shared memory on sm_80 and sm_90 with bank + padding mask (``scripts/
-#: triton_aot_report.py``; ``benchmarks/results/triton-aot-2026-12-01.md``): D = 64 and 128
-#: causal or not x dropout or not, D = 80 and 96 causal + dropout, bf16 and fp16. Picked from the
-#: search space in ``triton-aot-2026-12-01-candidates.md`` (``--candidates``), where 79 of 152
-#: compiles spilled; ptxas is not monotone in the flags (a tile clean with dropout can spill
-#: without it, D = 80 can spill where D = 128 does not), hence every combination is compiled.
+#: triton_aot_report.py``; ``benchmarks/results/triton-aot-2026-12-02.md``, the kernels with
+#: mask-free interior tiles and the fused backward): bf16, D = 64 and 128, causal + dropout (the
+#: most registers; "dkvq" never runs with dropout: causal and bidirectional without it), D = 128
+#: also bidirectional without dropout -- ptxas is not monotone in the flags (dq 32x64 spills 20 B
+#: there and not with them). Single-stage (num_stages = 1) dK/dV tiles: software pipelining of
+#: the query loop is what spilled them. The 2026-12-01 sweep (older kernels) covered fp16 and
+#: D = 80 / 96 too; those are not re-measured for these kernels.
 _SPILL_FREE = {
-    ("fwd", 64): [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3), (16, 32, 4, 2)],
-    ("fwd", 128): [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (16, 128, 4, 3), (16, 32, 4, 2)],
-    ("dkv", 64): [(32, 128, 8, 1), (32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2)],
-    ("dkv", 128): [(64, 32, 8, 2), (32, 32, 4, 2)],
-    ("dkvq", 64): [(32, 64, 8, 2), (16, 64, 8, 2)],
-    ("dkvq", 128): [(64, 32, 8, 2), (32, 32, 4, 2)],
-    ("dq", 64): [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
-    ("dq", 128): [(128, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 3), (64, 32, 4, 3), (16, 32, 4, 2)],
+    ("fwd", 64): [(128, 32, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (16, 32, 4, 2)],
+    ("fwd", 128): [(64, 64, 8, 3), (16, 32, 4, 2)],
+    ("dkv", 64): [(64, 32, 8, 1), (32, 32, 8, 1), (16, 32, 4, 1)],
+    ("dkv", 128): [(64, 32, 8, 1), (32, 32, 8, 1)],
+    ("dkvq", 64): [(32, 32, 4, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+    ("dkvq", 128): [(32, 32, 8, 1), (16, 32, 4, 1)],
+    ("dq", 64): [(128, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+    ("dq", 128): [(64, 32, 8, 3), (64, 32, 4, 3), (16, 32, 4, 2)],
 }
 #: D in 129..256 (BLOCK_D = 256): small tiles that must run, not necessarily spill-free: fwd and
 #: dq are spill-free on sm_80/sm_90 (causal + dropout); dkv spills a few dozen bytes.
 _WIDE = {"fwd": [(32, 32, 4, 2), (16, 32, 4, 2)], "dkv": [(16, 32, 4, 2), (16, 16, 4, 2)],
-         "dkvq": [(16, 32, 4, 2), (16, 16, 4, 2)],
          "dq": [(32, 32, 4, 2), (16, 32, 4, 2)]}
 #: fp32 with the TF32 opt-in (PTUNE_FAST_TRITON_TF32=1): fp32 tiles take twice the registers;
 #: spill-free on sm_80/sm_90 at D = 64 and 128, causal + dropout (the report's fp32 section).
 _FP32 = {("fwd", 64): [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)], ("fwd", 128): [(32, 64, 4, 2)],
          ("dkv", 64): [(16, 64, 4, 2)], ("dkv", 128): [(16, 32, 4, 2)],
-         ("dkvq", 64): [(16, 64, 4, 2)], ("dkvq", 128): [(16, 32, 4, 2)],
          ("dq", 64): [(64, 32, 4, 2), (16, 32, 4, 2)], ("dq", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
 _FIXED = {"pre": [dict(BLOCK_M=_PRE_BLOCK_M)], "reduce": [dict(BLOCK=_REDUCE_BLOCK)]}
 
@@ -642,6 +643,19 @@ def deterministic() -> bool:
     otherwise the fused one (dQ by fp32 atomics: FlashAttention-2's default, run-to-run dQ may
     differ in the last bits; dK, dV and the prefix gradients are reproducible either way)."""
     return torch.are_deterministic_algorithms_enabled() or os.environ.get(DETERMINISTIC_ENV_VAR, "0").strip() == "1"
+
+
+def backward_path(D: int, dtype: torch.dtype, dropout: bool) -> str:
+    """``"fused"`` (one dK/dV/dQ kernel, dQ by fp32 atomics, 5 matmuls per tile pair) or ``"split"``
+    (dK/dV, then dQ: 7 matmuls, no atomics). Split when :func:`deterministic`, with dropout (the
+    fused kernel regenerating the Philox mask spills in every tile on sm_80/sm_90: AOT report), for
+    ``D > 128``, and for compiled fp32 (TF32 opt-in; no spill-free fused tile measured). Under the
+    interpreter the same rule applies except for fp32, which takes the fused path there too."""
+    if deterministic() or dropout or _block_d(D) > 128:
+        return "split"
+    if dtype == torch.float32 and not _INTERPRET:
+        return "split"
+    return "fused"
 
 
 def tf32_allowed() -> bool:
@@ -781,7 +795,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, out,
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), *pks, *pvs, dout.stride(0), dout.stride(1), dout.stride(2),
                kpm.stride(0) if meta["HAS_KPM"] else 0)
-    fuse = not deterministic()
+    fuse = backward_path(D, q.dtype, meta["DROPOUT"]) == "fused"
     # fused: dQ accumulated in fp32 with atomics by the dK/dV programs (5 matmuls per tile pair);
     # deterministic: a separate dQ pass (7 matmuls), no atomics
     dqa = torch.zeros((B, H, S, D), dtype=torch.float32, device=dev) if fuse else q
