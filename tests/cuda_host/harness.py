@@ -218,6 +218,7 @@ class Kernels:
         out = torch.empty(q.shape, dtype=q.dtype)
         plan = (ctypes.c_int * 3)(0, 0, 0)
         refs = [ref(t) for t in args]
+        self.rt.cuda_host_reset_error()  # no error left pending by an earlier call
         rc = self.lib.ptf_decode_attention(*[ctypes.byref(r) for r in refs], int(causal), scale, DTYPES[q.dtype],
                                            int(num_splits), int(num_sms), out.data_ptr(), plan)
         self._check(rc, "decode_attention")
@@ -234,6 +235,7 @@ class Kernels:
         out = torch.empty(n, ws[-1].shape[0], dtype=out_dtype)
         w_refs = (TensorRef * 4)(*[ref(w) for w in ws])
         b_refs = (TensorRef * 4)(*[ref(b) for b in bs])
+        self.rt.cuda_host_reset_error()  # no error left pending by an earlier call
         rc = self.lib.ptf_encoder_mlp(ctypes.byref(ref(x)), ctypes.byref(ref(idx)), w_refs, b_refs, len(ws),
                                       pe.ACTIVATIONS[activation], DTYPES[out_dtype], out.data_ptr())
         self._check(rc, "encoder_mlp")
@@ -241,6 +243,7 @@ class Kernels:
 
     def selftest(self, kernel: int, which: int, out: torch.Tensor, scratch: torch.Tensor):
         """tests/cuda_host/selftest.cu: the emulator's own checks."""
+        self.rt.cuda_host_reset_error()  # no error left pending by an earlier call
         self._check(self.lib.ptf_selftest(kernel, which, out.data_ptr(), scratch.data_ptr()), "selftest")
 
     def round_to(self, x: torch.Tensor, dtype) -> torch.Tensor:

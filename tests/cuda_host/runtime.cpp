@@ -687,6 +687,14 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
 PTF_EXPORT void cuda_host_configure(int num_sms, int cooperative, int blocks_per_sm, int workers) {
   cuda_host::g_dev = {num_sms, cooperative, blocks_per_sm, workers};
 }
+// A fresh error state for the next call from the tests: clears the calling thread's pending error
+// (which, as in CUDA, stays set until cudaGetLastError reads it -- a launcher that returns a failed
+// launch's status without reading it leaves it pending) and the last error message.
+PTF_EXPORT void cuda_host_reset_error() {
+  cuda_host::tl_last_error = cudaSuccess;
+  std::lock_guard<std::mutex> lk(cuda_host::g_log_mu);
+  cuda_host::g_last_error.clear();
+}
 // Copies (and clears) the last launch error message / the launch log into buf; returns the length.
 PTF_EXPORT size_t cuda_host_take(int which, char* buf, size_t cap) {
   std::lock_guard<std::mutex> lk(cuda_host::g_log_mu);
