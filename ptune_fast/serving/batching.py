@@ -231,21 +231,20 @@ class TaskBatchingManager:
                 raise RuntimeError(f"ptune_fast's continuous batching needs synchronous IOs, got {type(io).__name__}")
             ids = [fs.state.request_id for fs in io.requests_in_batch]
             with bank._lock:
-                names = bank.task_names
                 with self._reg_lock:
                     tasks = [self._tasks.get(i) for i in ids]
                 missing = [i for i, t in zip(ids, tasks) if t is None or t not in bank.tasks]
                 if missing:
                     raise RuntimeError(f"requests {missing} have no task of this bank (add requests through "
                                        "TaskBatchingManager.add_request)")
-                device = batch_data["input_ids"].device
-                tids = torch.tensor([names.index(t) for t in tasks], dtype=torch.int32, device=device)
+                # row -> bank index (None for a single-task bank), as for the bank's own calls
+                tids = bank.task_index(tasks, len(ids), batch_data["input_ids"].device)
                 attachment = bank._attachment
                 saved = attachment.ignore_position_ids
                 attachment.ignore_position_ids = False  # given positions + P: PEFT's, for every method here
                 bank.state.task_ids = None
                 self._count(io, ids, tasks)
-                paged.set_batch(paged.BatchTasks(tids if len(names) > 1 else None, len(ids)))
+                paged.set_batch(paged.BatchTasks(tids, len(ids)))
                 try:
                     return compute(model, batch_data)
                 finally:

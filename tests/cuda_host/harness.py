@@ -174,6 +174,12 @@ class Kernels:
         """One line per launch since the last call: kernel, grid, block."""
         return self._take(1).splitlines()
 
+    def _call(self, what: str, fn, *args):
+        """One entry point of the library, from a clean error state (nothing left pending by an
+        earlier call, e.g. a failed launch whose status a launcher returned without reading it)."""
+        self.rt.cuda_host_reset_error()
+        self._check(fn(*args), what)
+
     def _check(self, rc: int, what: str):
         if rc != 0:
             raise KernelError(f"{what}: cudaError {rc}: {self._symbolize(self._take(0))}")
@@ -218,10 +224,8 @@ class Kernels:
         out = torch.empty(q.shape, dtype=q.dtype)
         plan = (ctypes.c_int * 3)(0, 0, 0)
         refs = [ref(t) for t in args]
-        self.rt.cuda_host_reset_error()  # no error left pending by an earlier call
-        rc = self.lib.ptf_decode_attention(*[ctypes.byref(r) for r in refs], int(causal), scale, DTYPES[q.dtype],
-                                           int(num_splits), int(num_sms), out.data_ptr(), plan)
-        self._check(rc, "decode_attention")
+        self._call("decode_attention", self.lib.ptf_decode_attention, *[ctypes.byref(r) for r in refs], int(causal),
+                   scale, DTYPES[q.dtype], int(num_splits), int(num_sms), out.data_ptr(), plan)
         return out, tuple(plan)
 
     def encoder_mlp(self, x, weights, biases, activation, out_dtype=torch.float32, indices=None):
@@ -235,16 +239,13 @@ class Kernels:
         out = torch.empty(n, ws[-1].shape[0], dtype=out_dtype)
         w_refs = (TensorRef * 4)(*[ref(w) for w in ws])
         b_refs = (TensorRef * 4)(*[ref(b) for b in bs])
-        self.rt.cuda_host_reset_error()  # no error left pending by an earlier call
-        rc = self.lib.ptf_encoder_mlp(ctypes.byref(ref(x)), ctypes.byref(ref(idx)), w_refs, b_refs, len(ws),
-                                      pe.ACTIVATIONS[activation], DTYPES[out_dtype], out.data_ptr())
-        self._check(rc, "encoder_mlp")
+        self._call("encoder_mlp", self.lib.ptf_encoder_mlp, ctypes.byref(ref(x)), ctypes.byref(ref(idx)), w_refs,
+                   b_refs, len(ws), pe.ACTIVATIONS[activation], DTYPES[out_dtype], out.data_ptr())
         return out
 
     def selftest(self, kernel: int, which: int, out: torch.Tensor, scratch: torch.Tensor):
         """tests/cuda_host/selftest.cu: the emulator's own checks."""
-        self.rt.cuda_host_reset_error()  # no error left pending by an earlier call
-        self._check(self.lib.ptf_selftest(kernel, which, out.data_ptr(), scratch.data_ptr()), "selftest")
+        self._call("selftest", self.lib.ptf_selftest, kernel, which, out.data_ptr(), scratch.data_ptr())
 
     def round_to(self, x: torch.Tensor, dtype) -> torch.Tensor:
         """The emulator's float -> fp16/bf16 conversion (bit patterns as int16)."""
